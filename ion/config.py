@@ -1,0 +1,139 @@
+"""ModelConfig: the `model` config section, read only by `ion.build.build_detector`.
+
+Defaults are the paper's ION (Sec. 3, 4.1): VGG16, skip pooling from conv3,
+conv4, conv5 and the 2x stacked IRNN context, L2 normalisation per ROI blob
+with a learned scale initialised to 1000, no dropout (Table 1 "D"). The small
+CPU model changes `width`, `batchnorm` and the input sizes.
+"""
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from ion.context import ContextConfig
+
+# Layers skip pooling can read (Sec. 3.1, Table 4; conv7: Appendix item 3).
+POOLABLE = ("conv2", "conv3", "conv4", "conv5", "conv7", "context")
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    min_size: int = field(default=600, metadata={
+        "help": "images are resized so that the shorter side is this many pixels (Fast R-CNN: 600)", "min": 1})
+    max_size: int = field(default=1000, metadata={
+        "help": "cap on the longer side after resizing, in pixels (Fast R-CNN: 1000)", "min": 1})
+    pixel_mean: tuple[float, ...] = field(default=(0.485, 0.456, 0.406), metadata={
+        "help": "RGB mean subtracted from pixels scaled to [0, 1] (torchvision's ImageNet VGG16)"})
+    pixel_std: tuple[float, ...] = field(default=(0.229, 0.224, 0.225), metadata={
+        "help": "RGB std that pixels are divided by after the mean (torchvision's ImageNet VGG16)"})
+
+    def __post_init__(self) -> None:
+        if self.max_size < self.min_size:
+            raise ValueError(f"max_size ({self.max_size}) must be >= min_size ({self.min_size})")
+        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
+            raise ValueError(f"pixel_mean and pixel_std need 3 values (R, G, B), got "
+                             f"{list(self.pixel_mean)} and {list(self.pixel_std)}")
+        if min(self.pixel_std) <= 0:
+            raise ValueError(f"pixel_std values must be > 0, got {list(self.pixel_std)}")
+
+
+@dataclass(frozen=True)
+class RoiSamplingConfig:
+    rois_per_image: int = field(default=128, metadata={
+        "help": "ROIs sampled per training image (Sec. 4.1: 128)", "min": 1})
+    fg_fraction: float = field(default=0.25, metadata={
+        "help": "largest fraction of sampled ROIs that are foreground (Fast R-CNN: 0.25)", "min": 0.0, "max": 1.0})
+    fg_iou: float = field(default=0.5, metadata={
+        "help": "a ROI with IoU >= this with a ground-truth box is foreground", "min": 0.0, "max": 1.0})
+    bg_iou_lo: float = field(default=0.1, metadata={
+        "help": "background ROIs have max IoU in [bg_iou_lo, bg_iou_hi) (Fast R-CNN: 0.1)", "min": 0.0, "max": 1.0})
+    bg_iou_hi: float = field(default=0.5, metadata={
+        "help": "upper end (exclusive) of the background IoU range (Fast R-CNN: 0.5)", "min": 0.0, "max": 1.0})
+    crowd_ioa: float = field(default=0.7, metadata={
+        "help": "a proposal with at least this fraction of its area inside a crowd box is never "
+                "background (Detectron's crowd rule)", "min": 0.0, "max": 1.0})
+
+    def __post_init__(self) -> None:
+        if not self.bg_iou_lo < self.bg_iou_hi <= self.fg_iou:
+            raise ValueError(f"need bg_iou_lo < bg_iou_hi <= fg_iou, got {self.bg_iou_lo}, {self.bg_iou_hi}, "
+                             f"{self.fg_iou}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Backbone (Sec. 3; Appendix item 3).
+    width: float = field(default=1.0, metadata={
+        "help": "VGG16 channel multiplier: 1.0 is VGG16, 0.25 the small CPU model (16..128 channels)",
+        "min": 0.03, "max": 1.0})
+    batchnorm: bool = field(default=False, metadata={
+        "help": "BatchNorm after every backbone conv (not VGG16: for small models trained from scratch)"})
+    conv67: bool = field(default=False, metadata={
+        "help": "two 3x3 convs on conv5_3 (conv6, conv7; Appendix item 3), poolable as conv7"})
+    imagenet_weights: Optional[str] = field(default=None, metadata={
+        "help": "torchvision VGG16 state_dict file (conv1-conv5, fc6, fc7); none: random init "
+                "(needs width 1.0, batchnorm false)", "path": True})
+
+    # Skip pooling (Sec. 3.1, Tables 4 and 5).
+    pool_from: tuple[str, ...] = field(default=("conv3", "conv4", "conv5", "context"), metadata={
+        "help": "layers ROIs are pooled from: conv2, conv3, conv4, conv5, conv7, context (Table 4)"})
+    roi_op: Literal["roi_pool", "roi_align"] = field(default="roi_pool", metadata={
+        "help": "ROI pooling op: max pooling (the paper) or bilinear roi_align (2x2 samples per bin)"})
+    pool_size: int = field(default=7, metadata={
+        "help": "side of each pooled ROI (VGG16's fc6 needs 7)", "min": 1, "max": 32})
+    norm: Literal["none", "blob", "channel"] = field(default="blob", metadata={
+        "help": "L2 normalisation per pooled ROI: none (Table 4 left), whole blob, or per location across "
+                "channels (Table 5)"})
+    scale_mode: Literal["learned", "fixed"] = field(default="learned", metadata={
+        "help": "re-scale after L2 normalisation: learned per channel or a fixed constant (Table 5)"})
+    scale_init: Optional[float] = field(default=None, metadata={
+        "help": "initial (or fixed) scale; none: 1000 for norm blob, 130 for channel (Sec. 5.2)",
+        "min": 1e-6})
+    reduce_channels: Optional[int] = field(default=None, metadata={
+        "help": "output channels of the 1x1 conv after concat; none: conv5's channels (512 for VGG16)",
+        "min": 1})
+    fc_dim: Optional[int] = field(default=None, metadata={
+        "help": "width of fc6 and fc7; none: 4096 x width (4096 for VGG16)", "min": 1})
+    dropout: float = field(default=0.0, metadata={
+        "help": "dropout after the concat and in fc6/fc7 (the paper used 0.25 and then removed it, Table 1 D)",
+        "min": 0.0, "max": 0.95})
+
+    # Context (Sec. 3.2) and the segmentation regulariser (Sec. 5.3).
+    context: ContextConfig = field(default_factory=ContextConfig, metadata={
+        "help": "context module on conv5 (ion/context.py)"})
+    seg_loss_weight: float = field(default=0.0, metadata={
+        "help": "weight of the segmentation loss on the top context map (paper: 1); 0 turns the head off",
+        "min": 0.0})
+
+    # Input and training-time ROI sampling.
+    input: InputConfig = field(default_factory=InputConfig, metadata={
+        "help": "image resizing and normalisation"})
+    sampling: RoiSamplingConfig = field(default_factory=RoiSamplingConfig, metadata={
+        "help": "training ROI sampling per image (Sec. 4.1)"})
+    bbox_weights: tuple[float, ...] = field(default=(10.0, 10.0, 5.0, 5.0), metadata={
+        "help": "box delta normalisation wx, wy, ww, wh (the usual 10, 10, 5, 5)"})
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.pool_from if name not in POOLABLE]
+        if unknown or not self.pool_from:
+            raise ValueError(f"pool_from: {list(self.pool_from)}: choose one or more of {list(POOLABLE)}")
+        if len(set(self.pool_from)) != len(self.pool_from):
+            raise ValueError(f"pool_from: {list(self.pool_from)} names a layer twice")
+        if "conv7" in self.pool_from and not self.conv67:
+            raise ValueError("pool_from has conv7 but conv67 is false (set conv67: true or drop conv7)")
+        has_context = self.context.kind != "none"
+        if "context" in self.pool_from and not has_context:
+            raise ValueError("pool_from has context but context.kind is none (choose a context kind or "
+                             "drop context from pool_from)")
+        if self.seg_loss_weight > 0 and not has_context:
+            raise ValueError("seg_loss_weight > 0 needs a context module (the head reads its top map); "
+                             "choose a context kind or set seg_loss_weight 0")
+        if has_context and "context" not in self.pool_from and self.seg_loss_weight == 0:
+            raise ValueError(f"context.kind is {self.context.kind} but nothing reads it: add context to "
+                             "pool_from, set seg_loss_weight > 0, or set context.kind none")
+        if len(self.bbox_weights) != 4 or min(self.bbox_weights) <= 0:
+            raise ValueError(f"bbox_weights: expected 4 values > 0, got {list(self.bbox_weights)}")
+        if self.imagenet_weights is not None:
+            if self.width != 1.0 or self.batchnorm:
+                raise ValueError(f"imagenet_weights needs width 1.0 and batchnorm false (got width "
+                                 f"{self.width}, batchnorm {self.batchnorm})")
+            if self.pool_size != 7 or self.reduce_channels not in (None, 512) or self.fc_dim not in (None, 4096):
+                raise ValueError("imagenet_weights also loads fc6/fc7, which need pool_size 7, "
+                                 "reduce_channels 512 and fc_dim 4096 (drop those keys)")

@@ -1,0 +1,184 @@
+"""Context features on top of conv5 (Sec. 3.2, Fig. 3 and 6, Tables 7-10).
+
+The paper's choice is two stacked four-direction IRNNs (Fig. 3):
+
+    conv5 -> 1x1 conv -> IRNN (4 dirs) -> concat -> 1x1 conv -> IRNN (4 dirs) -> concat -> 1x1 conv
+
+the last 1x1 conv bringing the map back to conv5's channel count ("the context
+features have the same dimensions as conv5", Sec. 3).  The alternatives of
+Table 7 (none, two 3x3 convs, two 5x5 convs, global average pooling tiled back)
+and the variants of Table 10 ("left-right then up-down", "pool out of both
+IRNNs") are switches of ``ContextConfig``.
+
+Every module here maps conv5 Tensor[N, C, H, W] to a list of maps to ROI-pool
+from, each Tensor[N, C_i, H, W], and lists their channel counts in
+``out_channels``.  The last map is the top output, the one the segmentation
+regulariser (ion/seg_head.py) reads.
+"""
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ion.irnn import DIRECTIONS, FourDirectionIRNN
+
+# Table 7's widths for the convolutional alternatives.
+CONV3_CHANNELS = 512
+CONV5_CHANNELS = 256
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    kind: Literal["none", "conv3", "conv5", "global", "irnn"] = field(
+        default="irnn",
+        metadata={"help": "context module on conv5 (Table 7): none, 2x 3x3 conv, 2x 5x5 conv, "
+                          "global average tiled back, or 2x stacked 4-direction IRNN"})
+    hidden: int = field(
+        default=512, metadata={"help": "IRNN hidden units per direction (Table 9 explores 128..1024)", "min": 1})
+    recurrent: Literal["learned", "identity"] = field(
+        default="learned",
+        metadata={"help": "IRNN recurrent matrix: learned from the identity, or removed (Whh = I, Table 9)"})
+    first_step_bias: bool = field(
+        default=False, metadata={"help": "a separate bias for each IRNN direction's first step (Sec. 3.2 item 3)"})
+    variant: Literal["standard", "lr_then_ud"] = field(
+        default="standard",
+        metadata={"help": "IRNN directions: all four in both layers, or left-right then up-down (Table 10a)"})
+    pool_from_both: bool = field(
+        default=False,
+        metadata={"help": "pool from both stacked layers, not only the top one (Table 10b); "
+                          "kinds conv3, conv5, irnn"})
+    dropout: float = field(
+        default=0.0,
+        metadata={"help": "dropout after each stacked layer (Sec. 3.2 item 2 used 0.25; 0 disables)",
+                  "min": 0.0, "max": 1.0})
+    channels: Optional[int] = field(
+        default=None,
+        metadata={"help": "output channels of the conv3/conv5 kinds (default: the paper's 512 / 256)",
+                  "min": 1})
+
+    def __post_init__(self):
+        if self.pool_from_both and self.kind in ("none", "global"):
+            raise ValueError(
+                f"pool_from_both needs two stacked layers (kind conv3, conv5 or irnn), got kind {self.kind!r}")
+
+
+class NoContext(nn.Module):
+    """Table 7 without context: nothing to pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.out_channels = []
+
+    def forward(self, conv5: Tensor) -> list[Tensor]:
+        return []
+
+
+class StackedConvContext(nn.Module):
+    """Two stacked convolutions with ReLU on conv5 (Table 7 a, b; Fig. 6 a, b).
+
+    Each output cell sees a (2k-1)x(2k-1) window of conv5 (5x5 for k=3, 9x9 for k=5).
+    """
+
+    def __init__(self, *, in_channels: int, channels: int, kernel_size: int, dropout: float,
+                 pool_from_both: bool):
+        super().__init__()
+        self.first = nn.Conv2d(in_channels, channels, kernel_size, padding=kernel_size // 2)
+        self.second = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)
+        self.dropout = nn.Dropout(dropout)
+        self.pool_from_both = pool_from_both
+        self.out_channels = [channels, channels] if pool_from_both else [channels]
+
+    def forward(self, conv5: Tensor) -> list[Tensor]:
+        a = self.dropout(torch.relu(self.first(conv5)))  # (N, channels, H, W)
+        b = self.dropout(torch.relu(self.second(a)))  # (N, channels, H, W)
+        return [a, b] if self.pool_from_both else [b]
+
+
+class GlobalAverageContext(nn.Module):
+    """Global average pooling unpooled (tiled) back to conv5's size (Table 7 c, Fig. 6 c, ParseNet)."""
+
+    def __init__(self, *, in_channels: int):
+        super().__init__()
+        self.out_channels = [in_channels]
+
+    def forward(self, conv5: Tensor) -> list[Tensor]:
+        N, C, H, W = conv5.shape
+        mean = conv5.mean(dim=(2, 3), keepdim=True)  # (N, C, 1, 1)
+        # contiguous: ROI pooling reads a real map, not a stride-0 view.
+        return [mean.expand(N, C, H, W).contiguous()]
+
+
+class IRNNContext(nn.Module):
+    """Two stacked IRNN layers and a 1x1 conv back to conv5's channels (Fig. 3).
+
+    forward(conv5 Tensor[N, C, H, W]) -> [Tensor[N, C, H, W]], or with
+    pool_from_both [first layer's concat Tensor[N, D1*hidden, H, W], Tensor[N, C, H, W]].
+    After the second layer every output cell depends on every input cell (Fig. 6 d).
+    """
+
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        hidden: int,
+        recurrent: Literal["learned", "identity"] = "learned",
+        first_step_bias: bool = False,
+        variant: Literal["standard", "lr_then_ud"] = "standard",
+        pool_from_both: bool = False,
+        dropout: float = 0.0,
+        identity_scan: Literal["closed_form", "loop"] = "closed_form",
+    ):
+        super().__init__()
+        if variant == "standard":
+            first_dirs, second_dirs = DIRECTIONS, DIRECTIONS
+        else:
+            # Table 10 (a), as in ReNet: the first layer sweeps rows, the second columns.
+            first_dirs, second_dirs = ("right", "left"), ("down", "up")
+        shared = dict(hidden=hidden, recurrent=recurrent, first_step_bias=first_step_bias,
+                      identity_scan=identity_scan)
+        self.first = FourDirectionIRNN(in_channels=in_channels, directions=first_dirs, **shared)
+        self.second = FourDirectionIRNN(in_channels=self.first.out_channels, directions=second_dirs, **shared)
+        self.output = nn.Conv2d(self.second.out_channels, in_channels, kernel_size=1)
+        # Sec. 3.2 item 2: dropout after each concat layer.
+        self.dropout = nn.Dropout(dropout)
+        self.pool_from_both = pool_from_both
+        self.out_channels = [self.first.out_channels, in_channels] if pool_from_both else [in_channels]
+
+    def forward(self, conv5: Tensor) -> list[Tensor]:
+        a = self.dropout(self.first(conv5))  # (N, D1*hidden, H, W)
+        b = self.dropout(self.second(a))  # (N, D2*hidden, H, W)
+        top = self.output(b)  # (N, C, H, W)
+        return [a, top] if self.pool_from_both else [top]
+
+
+def build_context(cfg: ContextConfig, in_channels: int) -> nn.Module:
+    """The context module ``cfg`` describes, on a conv5 with ``in_channels`` channels.
+
+    The module's forward(conv5 Tensor[N, C, H, W]) returns the list of maps to
+    pool from (empty for kind "none"); ``.out_channels`` lists their channels.
+    """
+    if cfg.kind == "none":
+        return NoContext()
+    if cfg.kind in ("conv3", "conv5"):
+        kernel_size = 3 if cfg.kind == "conv3" else 5
+        default = CONV3_CHANNELS if cfg.kind == "conv3" else CONV5_CHANNELS
+        return StackedConvContext(
+            in_channels=in_channels,
+            channels=default if cfg.channels is None else cfg.channels,
+            kernel_size=kernel_size,
+            dropout=cfg.dropout,
+            pool_from_both=cfg.pool_from_both,
+        )
+    if cfg.kind == "global":
+        return GlobalAverageContext(in_channels=in_channels)
+    assert cfg.kind == "irnn", cfg.kind
+    return IRNNContext(
+        in_channels=in_channels,
+        hidden=cfg.hidden,
+        recurrent=cfg.recurrent,
+        first_step_bias=cfg.first_step_bias,
+        variant=cfg.variant,
+        pool_from_both=cfg.pool_from_both,
+        dropout=cfg.dropout,
+    )

@@ -1,0 +1,122 @@
+"""The `data` config section: which data set, and how it is split.
+
+    data:
+      source: synthetic            # the embedded "context-shapes" scenes (ion/data/synthetic.py)
+      synthetic: {num_train: 2000}
+
+    data:
+      source: coco                 # real COCO (ion/data/coco.py)
+      coco:
+        train_annotations: /coco/annotations/instances_train2014.json
+        ...
+
+COCO splits follow the paper (Appendix): minival = `minival_size` images held
+out of val by image id; the rest of val joins train ("trainval35k") or, for
+small sets such as coco-mini, becomes the test split; otherwise test is a
+separate annotation file or a test-dev image-info file without annotations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+# Smallest sky band (the far cue of the context classes) a synthetic image may have, in pixels.
+MIN_SKY_HEIGHT = 40
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    seed_offset: int = field(default=0, metadata={
+        "help": "added to the run's seed to seed the generator (a different data set, same everything else)",
+        "min": 0})
+    num_train: int = field(default=2000, metadata={"help": "training images", "min": 1})
+    num_minival: int = field(default=300, metadata={"help": "minival images (threshold tuning)", "min": 1})
+    num_test: int = field(default=300, metadata={"help": "test images (evaluation)", "min": 1})
+    min_side: int = field(default=192, metadata={
+        "help": "smallest image width/height in pixels (each side drawn uniformly in [min_side, max_side])",
+        "min": 64})
+    max_side: int = field(default=256, metadata={"help": "largest image width/height in pixels", "min": 64})
+    band_height: int = field(default=32, metadata={
+        "help": "height of the neutral band at the bottom where the context objects sit", "min": 24})
+    cue_gap: int = field(default=112, metadata={
+        "help": "minimum pixels between the sky (the context cue) and the band: keep it beyond the "
+                "receptive field of a detector without a context module; >= 96 leaves room for the large objects",
+        "min": 96})
+    max_overlap: float = field(default=0.3, metadata={
+        "help": "largest intersection over the smaller box allowed between two placed objects (occlusion)",
+        "min": 0.0, "max": 1.0})
+    crowd_probability: float = field(default=0.06, metadata={
+        "help": "chance that an image holds one iscrowd group of balls", "min": 0.0, "max": 1.0})
+    jpeg_quality: int = field(default=92, metadata={"help": "JPEG quality of the written images", "min": 1,
+                                                    "max": 100})
+
+    def __post_init__(self) -> None:
+        if self.min_side > self.max_side:
+            raise ValueError(f"synthetic.min_side ({self.min_side}) must not exceed "
+                             f"synthetic.max_side ({self.max_side})")
+        needed = MIN_SKY_HEIGHT + self.cue_gap + self.band_height
+        if self.min_side < needed:
+            raise ValueError(f"synthetic.min_side ({self.min_side}) must be at least sky {MIN_SKY_HEIGHT} + "
+                             f"cue_gap {self.cue_gap} + band_height {self.band_height} = {needed} pixels "
+                             f"(raise min_side or lower cue_gap/band_height)")
+
+
+@dataclass(frozen=True)
+class CocoConfig:
+    train_annotations: Optional[str] = field(default=None, metadata={
+        "help": "instances_train*.json (COCO 2014 or 2017 layout)", "path": True})
+    train_images: Optional[str] = field(default=None, metadata={
+        "help": "folder of the training images (train2014/ or train2017/)", "path": True})
+    val_annotations: Optional[str] = field(default=None, metadata={
+        "help": "instances_val*.json: minival is held out of it", "path": True})
+    val_images: Optional[str] = field(default=None, metadata={"help": "folder of the val images", "path": True})
+    minival_size: int = field(default=5000, metadata={
+        "help": "minival = this many val images, the smallest image ids (Appendix: 5000)", "min": 1})
+    minival_ids_file: Optional[str] = field(default=None, metadata={
+        "help": "explicit minival image ids instead of minival_size: a COCO json (its images), a json list "
+                "of ids, or a text file with one id per line", "path": True})
+    val_rest: Literal["train", "test"] = field(default="train", metadata={
+        "help": "where the val images outside minival go: train (the paper's trainval35k) or test "
+                "(small sets with no test annotations)"})
+    test_annotations: Optional[str] = field(default=None, metadata={
+        "help": "annotated test set (instances json); with val_rest: train, give this or test_image_info",
+        "path": True})
+    test_image_info: Optional[str] = field(default=None, metadata={
+        "help": "test-dev image info json (images, no annotations): detections go to the COCO server",
+        "path": True})
+    test_images: Optional[str] = field(default=None, metadata={
+        "help": "folder of the test images (test2015/ or test2017/)", "path": True})
+    on_bad_annotation: Literal["error", "drop"] = field(default="error", metadata={
+        "help": "a bad image or annotation entry stops the run (error) or is dropped, counted and logged"})
+    box_tolerance: float = field(default=1.0, metadata={
+        "help": "boxes may stick out of their image by this many pixels; they are clipped to it", "min": 0.0})
+    check_image_files: bool = field(default=True, metadata={
+        "help": "check that every image file exists and has the annotated size (reads image headers)"})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["synthetic", "coco"] = field(default="synthetic", metadata={
+        "help": "synthetic: the embedded context-shapes scenes; coco: COCO-format files on disk"})
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig, metadata={
+        "help": "the context-shapes generator (used when source is synthetic)"})
+    coco: CocoConfig = field(default_factory=CocoConfig, metadata={
+        "help": "COCO files and split rules (used when source is coco)"})
+
+    def __post_init__(self) -> None:
+        if self.source != "coco":
+            return
+        coco = self.coco
+        for name in ("train_annotations", "train_images", "val_annotations", "val_images"):
+            if getattr(coco, name) is None:
+                raise ValueError(f"coco.{name} is required when source is coco")
+        tests = [name for name in ("test_annotations", "test_image_info") if getattr(coco, name) is not None]
+        if coco.val_rest == "test" and tests:
+            raise ValueError(f"coco.val_rest is test (the val images outside minival are the test split), "
+                             f"so drop coco.{tests[0]}")
+        if coco.val_rest == "train":
+            if len(tests) != 1:
+                raise ValueError("with coco.val_rest: train, give exactly one of coco.test_annotations "
+                                 "and coco.test_image_info")
+            if coco.test_images is None:
+                raise ValueError("coco.test_images is required with coco.test_annotations/test_image_info")

@@ -1,0 +1,108 @@
+"""Skip pooling (Sec. 3.1, Tables 4 and 5): one fixed-size descriptor per ROI
+from several layers.
+
+Each map is ROI-pooled to SxS at its own stride, L2-normalised per ROI (over
+the whole pooled blob, or per location across channels), the pooled blobs are
+concatenated along channels, re-scaled (learned per channel or fixed), and a
+1x1 convolution reduces them to the shape fc6 expects (512x7x7 for VGG16).
+"""
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+RoiOp = Literal["roi_pool", "roi_align"]
+Norm = Literal["none", "blob", "channel"]
+ScaleMode = Literal["learned", "fixed"]
+
+# Sec. 5.2: the mean L2 norm of conv5 ROIs pooled by Fast R-CNN, measured on
+# the training set: about 1000 over all entries, about 130 across channels.
+SCALE_INIT = {"blob": 1000.0, "channel": 130.0}
+
+# Bilinear samples per bin side for roi_align. A fixed count, as in Mask R-CNN:
+# torchvision's adaptive count (ceil(roi size / S)) takes ~100 samples per bin
+# for a large ROI on the stride-4 conv3 map and makes the backward pass crawl.
+ROI_ALIGN_SAMPLING = 2
+
+
+def roi_pool_map(feat: Tensor, boxes: Tensor, *, op: RoiOp, output_size: int, stride: int) -> Tensor:
+    """Pool ROIs from one map of stride `stride`.
+
+    feat: Tensor[1, C, H, W]; boxes: Tensor[R, 4] image coordinates
+    -> Tensor[R, C, output_size, output_size]
+    """
+    scale = 1.0 / stride
+    if op == "roi_pool":
+        return torchvision.ops.roi_pool(feat, [boxes], output_size=output_size, spatial_scale=scale)
+    assert op == "roi_align", op
+    # aligned=True: in continuous coordinates cell i of a stride-s map is
+    # centred at image coordinate (i + 0.5) * s.
+    return torchvision.ops.roi_align(feat, [boxes], output_size=output_size, spatial_scale=scale,
+                                     sampling_ratio=ROI_ALIGN_SAMPLING, aligned=True)
+
+
+def l2_normalize_rois(x: Tensor, *, norm: Norm) -> Tensor:
+    """L2-normalise pooled ROIs, Table 5: "blob" sums over all C*S*S entries of
+    each ROI, "channel" sums across channels at each location (ParseNet).
+    Tensor[R, C, S, S] -> same shape."""
+    if norm == "blob":
+        R, C, S, _ = x.shape
+        return F.normalize(x.reshape(R, C * S * S), dim=1).view_as(x)
+    if norm == "channel":
+        return F.normalize(x, dim=1)
+    assert norm == "none", norm
+    return x
+
+
+class SkipPool(nn.Module):
+    """Sec. 3.1: pool, L2-normalise, concat, re-scale, dropout, 1x1 conv.
+
+    forward(maps list of Tensor[1, C_i, H_i, W_i], rois Tensor[R, 4] in image
+    coordinates) -> Tensor[R, out_channels, S, S]
+    """
+
+    def __init__(self, *, in_channels: tuple[int, ...], strides: tuple[int, ...], out_channels: int,
+                 pool_size: int = 7, roi_op: RoiOp = "roi_pool", norm: Norm = "blob",
+                 scale_mode: ScaleMode = "learned", scale_init: float | None = None,
+                 dropout: float = 0.0):
+        super().__init__()
+        assert len(in_channels) == len(strides) > 0
+        self.strides = tuple(strides)
+        self.pool_size = pool_size
+        self.roi_op = roi_op
+        self.norm = norm
+        self.scale_mode = scale_mode
+        total = sum(in_channels)
+        init = SCALE_INIT.get(norm, 1.0) if scale_init is None else scale_init
+        if norm == "none":
+            self.scale = None  # Table 4, left column: concat + 1x1 conv only
+        elif scale_mode == "learned":
+            self.scale = nn.Parameter(torch.full((total,), float(init)))  # one per concat channel
+        else:
+            self.register_buffer("scale", torch.tensor(float(init)))
+        self.dropout = nn.Dropout(dropout)  # Sec. 3.2 item 2: dropout after each concat
+        self.reduce = nn.Conv2d(total, out_channels, kernel_size=1)
+        # Sec. 3.1: "Xavier" as in Caffe, uniform with variance 1/fan_in, so the
+        # 1x1 conv keeps the amplitude of its input however many maps are concatenated.
+        bound = math.sqrt(3.0 / total)
+        nn.init.uniform_(self.reduce.weight, -bound, bound)
+        nn.init.zeros_(self.reduce.bias)
+
+    def pool(self, maps: list[Tensor], rois: Tensor) -> list[Tensor]:
+        """Normalised pooled ROIs per map: list of Tensor[R, C_i, S, S]."""
+        assert len(maps) == len(self.strides)
+        return [
+            l2_normalize_rois(
+                roi_pool_map(m, rois, op=self.roi_op, output_size=self.pool_size, stride=s),
+                norm=self.norm)
+            for m, s in zip(maps, self.strides)
+        ]
+
+    def forward(self, maps: list[Tensor], rois: Tensor) -> Tensor:
+        x = torch.cat(self.pool(maps, rois), dim=1)  # (R, sum C_i, S, S)
+        if self.scale is not None:
+            x = x * (self.scale.view(1, -1, 1, 1) if self.scale.ndim else self.scale)
+        return self.reduce(self.dropout(x))  # (R, out_channels, S, S)

@@ -1,0 +1,117 @@
+"""The command line: `python -m pipeline run | status | config-docs`.
+
+A `UserError` prints `error: <message>` on stderr and exits with status 2, no
+traceback; Ctrl-C exits with 130. Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ion.errors import UserError
+from pipeline.config import DEFAULT_CONFIG, config_reference, load_config
+from pipeline.graph import registered_names, registered_stages, select_names, select_stages
+from pipeline.schema import display_path
+from pipeline.status import format_status, stage_statuses
+from pipeline.store import ArtifactStore
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="The ION COCO challenge pipeline: data -> proposals -> train -> detect -> tune -> evaluate.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def config_flags(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--config", type=Path, default=None,
+                         help="YAML config (default: configs/default.yaml of the project)")
+        sub.add_argument("-o", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                         help="override one config value, e.g. -o train.phases[0].lr_start=0.01 (repeatable)")
+        sub.add_argument("--workdir", type=Path, default=None,
+                         help="directory for artifacts and mlflow.db (overrides runtime.workdir)")
+
+    run = commands.add_parser("run", help="run stages, reusing cached outputs")
+    run.add_argument("--stages", default="all", help="all, or a comma list such as detect,tune (default: all)")
+    run.add_argument("--force", action="store_true", help="recompute the selected stages even when cached")
+    config_flags(run)
+    status = commands.add_parser("status", help="what is cached, stale or missing for a config")
+    status.add_argument("--verify", action="store_true", help="also re-checksum every cached output")
+    config_flags(status)
+    commands.add_parser("config-docs", help="print the config reference (Markdown)")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    return load_config(args.config or DEFAULT_CONFIG, args.overrides, workdir=args.workdir)
+
+
+def _rerun_command(args: argparse.Namespace) -> str:
+    """The user's invocation without --stages/--force, for messages that suggest a command."""
+    words = ["python", "-m", "pipeline", "run"]
+    if args.config is not None:
+        words += ["--config", str(args.config)]
+    for text in args.overrides:
+        words += ["-o", text]
+    if args.workdir is not None:
+        words += ["--workdir", str(args.workdir)]
+    return shlex.join(words)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    select_names(registered_names(), args.stages)  # a typo fails before anything heavy is imported
+    cfg = _load(args)
+    stages = registered_stages()
+    selected = select_stages(stages, args.stages)
+    # mlflow and ray take seconds to import: only `run` needs them, and only once
+    # the config and the stage selection are known to be good.
+    from pipeline.runner import format_summary, run_stages
+    from pipeline.tracking import Tracker, tracking_uri_for
+
+    workdir = Path(cfg.runtime.workdir)
+    print(f"config {display_path(args.config or DEFAULT_CONFIG)} | workdir {workdir} | "
+          f"stages {','.join(s.name for s in selected)}{' (--force)' if args.force else ''}", flush=True)
+    tracker = Tracker(tracking_uri=tracking_uri_for(workdir), experiment=cfg.name, workdir=workdir)
+    report = run_stages(cfg, stages=stages, selected=selected, tracker=tracker, force=args.force,
+                        command=_rerun_command(args), run_name=args.stages,
+                        tags={"command": shlex.join(["python", "-m", "pipeline", *args.argv])})
+    print()
+    print(format_summary(report))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    store = ArtifactStore(Path(cfg.runtime.workdir))
+    print(format_status(stage_statuses(registered_stages(), cfg, store, verify=args.verify), store))
+    return 0
+
+
+def _cmd_config_docs(args: argparse.Namespace) -> int:
+    print(config_reference())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    handlers = {"run": _cmd_run, "status": _cmd_status, "config-docs": _cmd_config_docs}
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USER_ERROR
+    try:
+        return handlers[args.command](args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: finished stage outputs are kept; rerun the same command to continue",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED

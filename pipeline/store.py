@@ -1,0 +1,144 @@
+"""The artifact store: `<workdir>/artifacts/<stage>/<key>/` with a manifest written last.
+
+An output exists only once its manifest.json does: the manifest is written by
+atomic rename after every other file, so a stage that raises or is killed
+leaves none, and its partial files are picked up by the rerun (same key) to
+resume. `<stage>/<key>.lock` (a file lock) is held while a stage produces its
+output: a second run on the same workdir waits for it, then finds the manifest
+and reuses the output.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from filelock import FileLock, Timeout
+
+from ion.errors import UserError
+
+MANIFEST = "manifest.json"
+_HASH_CHUNK = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_HASH_CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path.tmp`, flush it to disk, then rename over `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ArtifactStore:
+    """Stage outputs under `<workdir>/artifacts`."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.root = self.workdir / "artifacts"
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def manifest(self, stage: str, key: str) -> dict[str, Any] | None:
+        """The manifest of an existing output, or None when the output does not exist."""
+        path = self.path(stage, key) / MANIFEST
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            manifest = json.loads(text)
+        except json.JSONDecodeError as err:
+            # Written by atomic rename, so only an outside edit gets here.
+            raise UserError(f"{path}: not a valid manifest ({err.msg}); delete it, or rerun the stage "
+                            f"with --force") from None
+        return manifest
+
+    def exists(self, stage: str, key: str) -> bool:
+        return (self.path(stage, key) / MANIFEST).is_file()
+
+    def other_keys(self, stage: str, key: str) -> list[str]:
+        """Keys of the finished outputs of `stage` other than `key` (an older config's)."""
+        folder = self.root / stage
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.name != key and (p / MANIFEST).is_file())
+
+    @contextlib.contextmanager
+    def locked(self, stage: str, key: str, *, notify_after_s: float = 1.0) -> Iterator[None]:
+        """Hold `<stage>/<key>.lock`; tell the user when another run holds it and we wait."""
+        folder = self.root / stage
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder / f"{key}.lock"))
+        try:
+            lock.acquire(timeout=notify_after_s)
+        except Timeout:
+            print(f"waiting for another run producing {stage} ({key[:12]}) in {self.workdir} ...",
+                  file=sys.stderr, flush=True)
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def prepare(self, stage: str, key: str, *, clear: bool) -> Path:
+        """The output directory, created; `clear` removes what is there first (--force)."""
+        out = self.path(stage, key)
+        if clear and out.exists():
+            # The manifest goes first: a crash halfway through rmtree must not leave a
+            # manifest over a half-deleted output.
+            (out / MANIFEST).unlink(missing_ok=True)
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+
+    def write_manifest(self, stage: str, key: str, *, version: str, upstream: dict[str, str],
+                       run_id: str | None, timings: dict[str, float], metrics: dict[str, float],
+                       summary: list[str]) -> dict[str, Any]:
+        """Checksum every file of the output and write manifest.json last, atomically."""
+        out = self.path(stage, key)
+        files = {}
+        for path in sorted(p for p in out.rglob("*") if p.is_file()):
+            rel = path.relative_to(out).as_posix()
+            if rel in (MANIFEST, MANIFEST + ".tmp"):
+                continue
+            files[rel] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
+        manifest = {
+            "stage": stage,
+            "key": key,
+            "version": version,
+            "upstream": upstream,
+            "files": files,
+            "mlflow_run_id": run_id,
+            "timings": timings,
+            "metrics": metrics,
+            "summary": summary,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        return manifest
+
+    def verify(self, stage: str, key: str) -> list[str]:
+        """Files of an output whose checksum no longer matches its manifest (missing ones too)."""
+        manifest = self.manifest(stage, key)
+        if manifest is None:
+            raise FileNotFoundError(self.path(stage, key) / MANIFEST)
+        out = self.path(stage, key)
+        return [rel for rel, entry in sorted(manifest["files"].items())
+                if not (out / rel).is_file() or file_sha256(out / rel) != entry["sha256"]]

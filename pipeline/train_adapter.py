@@ -1,0 +1,214 @@
+"""Ray Train for the train stage; with pipeline/cluster.py the only modules that import ray.
+
+Written against Ray Train V2 (ray >= 2.5x, on unless RAY_TRAIN_V2_ENABLED=0),
+whose public API is ray.train.torch.TorchTrainer, ray.train.ScalingConfig /
+RunConfig / FailureConfig / CheckpointConfig, and inside a worker
+ray.train.get_context(), ray.train.get_checkpoint(), ray.train.report().
+
+Driver side: `run_trainer(worker_fn, worker_config, setup)` runs
+`worker_fn(session, **worker_config)` on `setup.num_workers` workers (one
+process each, gloo on CPUs, nccl with one GPU each) and returns the
+checkpoints Ray Train kept. A failed worker group is restarted up to
+`max_failures` times; the workers then resume from the last reported
+checkpoint. A later `run_trainer` with the same `storage_dir` and `name` (a
+rerun of the stage with the same cache key) finds that run's checkpoints too.
+
+Worker side: `WorkerSession` gives the rank, world size, device, the state to
+resume from, and `save(state, event)`, the ion.train_loop checkpoint callback
+that reports to Ray Train.
+
+Gradients are all-reduced by ion/train_loop.py itself instead of wrapping the
+model in DistributedDataParallel (ray.train.torch.prepare_model): DDP fixes at
+construction which parameters carry gradients, and the frozen groups change
+from one phase to the next.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from ion.errors import UserError
+from ion.train_loop import CheckpointEvent, NonFiniteLossError, load_checkpoint, write_checkpoint
+from pipeline.cluster import cluster_gpus, init_ray
+from pipeline.runtime import RuntimeConfig
+
+CHECKPOINT_FILE = "checkpoint.pt"
+# Ray Train keeps the `keep_checkpoints` reports with the highest score (and
+# always the latest): phase ends score above every rolling checkpoint.
+KEEP_SCORE = "keep_score"
+_PHASE_END_BONUS = 1e15
+
+
+@dataclass(frozen=True)
+class TrainerSetup:
+    num_workers: int
+    use_gpu: bool
+    storage_dir: Path  # RunConfig.storage_path: under the stage's artifact dir (shared storage on a cluster)
+    name: str  # RunConfig.name: the same storage_dir + name resumes
+    max_failures: int  # FailureConfig.max_failures
+    keep_checkpoints: int  # phase-end checkpoints to keep + 1 rolling
+
+
+@dataclass(frozen=True)
+class ReportedCheckpoint:
+    """A checkpoint Ray Train kept: what the worker reported with it and where it is."""
+
+    iteration: int
+    phase_index: int
+    phase_name: str
+    phase_end: bool
+    checkpoint: ray.train.Checkpoint
+
+    def copy_to(self, path: Path) -> Path:
+        """Copy its state file to `path` (atomically), from wherever the storage is."""
+        tmp = Path(path).with_name(Path(path).name + ".tmp")
+        with self.checkpoint.as_directory() as directory:
+            shutil.copyfile(Path(directory) / CHECKPOINT_FILE, tmp)
+        os.replace(tmp, path)
+        return Path(path)
+
+
+@dataclass(frozen=True)
+class TrainerOutcome:
+    return_value: Any  # what worker_fn returned on rank 0
+    checkpoints: list[ReportedCheckpoint]  # kept ones, oldest first
+    latest: Optional[ReportedCheckpoint]
+
+
+def use_ray_train(runtime: RuntimeConfig) -> tuple[bool, bool]:
+    """(run under Ray Train, with GPUs): Ray Train when there are several
+    workers or the cluster has GPUs (runtime.device cpu never asks for them)."""
+    wants_gpu = runtime.device != "cpu"
+    if wants_gpu:
+        remote = runtime.ray_address or os.environ.get("RAY_ADDRESS")
+        if remote:
+            init_ray(runtime)
+            has_gpu = cluster_gpus() >= 1
+        else:  # a local Ray instance would get this machine's GPUs
+            has_gpu = torch.cuda.is_available()
+        if runtime.device == "cuda" and not has_gpu:
+            raise UserError("runtime.device: cuda, but neither this machine nor the Ray cluster has a GPU; "
+                            "set runtime.device: auto or cpu")
+    else:
+        has_gpu = False
+    return runtime.train_workers > 1 or has_gpu, has_gpu
+
+
+def run_trainer(worker_fn: Callable[..., Any], worker_config: dict[str, Any], setup: TrainerSetup,
+                runtime: Optional[RuntimeConfig] = None) -> TrainerOutcome:
+    """Run `worker_fn(session, **worker_config)` under a TorchTrainer.
+
+    worker_fn must be importable by the workers (a module-level function).
+    A non-finite loss stops every worker at once and is raised here as
+    NonFiniteLossError without retries (it would come back on every retry); any
+    other worker error is retried `max_failures` times, then raised here
+    (a UserError stays a UserError).
+    """
+    if runtime is not None:
+        init_ray(runtime)
+    elif not ray.is_initialized():
+        raise RuntimeError("run_trainer needs Ray: pass runtime or call pipeline.cluster.init_ray first")
+    setup.storage_dir.mkdir(parents=True, exist_ok=True)
+    trainer = ray.train.torch.TorchTrainer(
+        _worker_entry,
+        train_loop_config={"fn": worker_fn, "config": worker_config},
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if setup.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=setup.num_workers, use_gpu=setup.use_gpu),
+        run_config=ray.train.RunConfig(
+            name=setup.name,
+            storage_path=str(setup.storage_dir.resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=setup.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=setup.keep_checkpoints, checkpoint_score_attribute=KEEP_SCORE,
+                checkpoint_score_order="max"),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise _worker_error(err) from err
+    value = result.return_value
+    if isinstance(value, dict) and "non_finite" in value:
+        raise NonFiniteLossError(value["non_finite"])
+    kept = [_reported(ckpt, metrics) for ckpt, metrics in (result.best_checkpoints or [])]
+    kept.sort(key=lambda c: (c.iteration, c.phase_end))
+    latest = None
+    if result.checkpoint is not None:
+        latest = next((c for c in kept if c.checkpoint.path == result.checkpoint.path), None)
+    return TrainerOutcome(return_value=value, checkpoints=kept, latest=latest)
+
+
+def _reported(checkpoint: ray.train.Checkpoint, metrics: dict[str, Any]) -> ReportedCheckpoint:
+    return ReportedCheckpoint(iteration=int(metrics["iteration"]), phase_index=int(metrics["phase_index"]),
+                              phase_name=str(metrics["phase_name"]), phase_end=bool(metrics["phase_end"]),
+                              checkpoint=checkpoint)
+
+
+def _worker_error(err: Exception) -> Exception:
+    """The workers' own exception when there is one: a UserError stays one."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        cause = failures[rank]
+        cause = getattr(cause, "cause", None) or cause
+        if isinstance(cause, UserError):
+            return UserError(str(cause))
+    if failures:
+        rank = min(failures)
+        return RuntimeError(f"training failed on Ray Train worker {rank}: {failures[rank]}")
+    return RuntimeError(f"training failed: {err}")
+
+
+class WorkerSession:
+    """What a Ray Train worker needs: rank, world size, device, resume state, checkpoint reports."""
+
+    def __init__(self) -> None:
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def resume_state(self) -> Optional[dict[str, Any]]:
+        """The last reported checkpoint's state (after a worker failure, or in a
+        rerun with the same storage and name), else None."""
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            return load_checkpoint(Path(directory) / CHECKPOINT_FILE)
+
+    def save(self, state: dict[str, Any], event: CheckpointEvent) -> str:
+        """ion.train_loop's save_checkpoint: rank 0 reports the state as a Ray Train
+        checkpoint; every rank reports (the report is a barrier)."""
+        name = (f"phase{event.phase_index}_{event.phase_name}" if event.phase_end
+                else f"iteration_{event.iteration:09d}")
+        metrics = {"iteration": event.iteration, "phase_index": event.phase_index, "phase_name": event.phase_name,
+                   "phase_end": event.phase_end,
+                   KEEP_SCORE: event.iteration + (_PHASE_END_BONUS if event.phase_end else 0.0)}
+        if self.rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return f"Ray Train checkpoint {name}"
+        with tempfile.TemporaryDirectory(prefix="ion-train-") as directory:
+            write_checkpoint(state, Path(directory) / CHECKPOINT_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=name)
+        return f"Ray Train checkpoint {name}"
+
+
+def _worker_entry(config: dict[str, Any]) -> Any:
+    """TorchTrainer's train_loop_per_worker: run the stage's worker function.
+    A non-finite loss (raised on every worker together, ion/train_loop.py) is
+    returned rather than raised, so Ray Train does not retry it."""
+    session = WorkerSession()
+    try:
+        return config["fn"](session, **config["config"])
+    except NonFiniteLossError as err:
+        return {"non_finite": str(err)}

@@ -1,0 +1,74 @@
+"""Config sections of the stages after proposals: train, detect, tune, evaluate.
+
+Field conventions (docs/CONTRACTS.md): frozen dataclasses, every field has a
+default and a one-line `help`; `min`/`max` are inclusive bounds checked by the
+loader in pipeline/config.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from stages.train_config import PhaseConfig, TrainConfig
+
+__all__ = ["DetectConfig", "EvaluateConfig", "PhaseConfig", "TrainConfig", "TuneConfig"]
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    splits: tuple[str, ...] = field(
+        default=("minival", "test"),
+        metadata={"help": "splits to run the detector on: minival feeds tune, test feeds evaluate"})
+    flip: bool = field(
+        default=True,
+        metadata={"help": "also run the left-right flipped image and store the flip-merged candidates "
+                          "(Appendix, post-competition item 2); unflipped candidates are always stored"})
+    score_thresh: float = field(
+        default=0.05, metadata={"help": "candidates below this class score are not stored", "min": 0.0, "max": 1.0})
+    two_rounds: bool = field(
+        default=True,
+        metadata={"help": "score and regress the regressed boxes a second time (Sec. 4.2, Appendix item 5)"})
+    images_per_task: int = field(
+        default=16, metadata={"help": "images per Ray task; a killed run keeps finished tasks", "min": 1})
+    max_images: Optional[int] = field(
+        default=None, metadata={"help": "detect only the first N images of each split (debugging)", "min": 1})
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    sampler: Literal["random", "sobol", "tpe"] = field(
+        default="random",
+        metadata={"help": "Optuna sampler; the paper: 'randomly sampling hundreds of thresholds'"})
+    trials: int = field(default=200, metadata={"help": "total trials in the study (a rerun adds none once reached)",
+                                                "min": 1})
+    parallel: int = field(default=2, metadata={"help": "trials evaluated at once as Ray tasks", "min": 1})
+    nms_iou: tuple[float, float] = field(
+        default=(0.2, 0.8), metadata={"help": "search range of the NMS IoU threshold", "min": 0.0, "max": 1.0})
+    vote_iou: tuple[float, float] = field(
+        default=(0.5, 1.0), metadata={"help": "search range of the weighted-voting IoU threshold "
+                                             "(1.0 = a box only votes with itself: voting off)",
+                                      "min": 0.0, "max": 1.0})
+    tune_score_thresh: bool = field(
+        default=False, metadata={"help": "also search the score threshold in score_thresh_range"})
+    score_thresh_range: tuple[float, float] = field(
+        default=(0.05, 0.3), metadata={"help": "search range of the score threshold", "min": 0.0, "max": 1.0})
+    tune_max_dets: bool = field(
+        default=False, metadata={"help": "also search the detections kept per image among max_dets_choices"})
+    max_dets_choices: tuple[int, ...] = field(
+        default=(50, 100), metadata={"help": "choices for detections per image", "min": 1})
+    baseline_nms_iou: float = field(
+        default=0.3, metadata={"help": "plain NMS threshold of the untuned baseline (the paper's 0.3)",
+                               "min": 0.0, "max": 1.0})
+    use_flip: bool = field(
+        default=True, metadata={"help": "tune on the flip-merged candidates (when detect stored them)"})
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    split: str = field(default="test", metadata={"help": "split the tuned thresholds are applied to"})
+    draw_images: int = field(
+        default=6, metadata={"help": "test images drawn with their detections into plots/", "min": 0})
+    algorithm: str = field(
+        default="ion", metadata={"help": "algorithm name in the COCO server's results file name"})
+    context_ap: bool = field(
+        default=True, metadata={"help": "report AP over the dataset's context classes when it names them"})

@@ -1,0 +1,200 @@
+"""The data stage: validated COCO-format train / minival / test splits.
+
+synthetic: generates the context-shapes scenes (ion/data/synthetic.py) into
+`out/images/<split>/` and `out/annotations/<split>.json`.
+coco: validates the COCO files (ion/data/coco.py) and writes the cleaned
+splits; the images stay where they are (`image_dir` absolute in index.json).
+
+Outputs (docs/CONTRACTS.md, "Data stage outputs"): index.json (written last),
+annotations/<split>.json, images/ (synthetic only), plots/preview.png.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from ion.data import synthetic
+from ion.data.categories import CategoryMap
+from ion.data.coco import SPLITS, ValidationReport, build_coco_splits
+from ion.data.config import CocoConfig, SyntheticConfig
+from ion.data.images import load_image
+from ion.data.split import INDEX_FILE
+from pipeline.context import StageContext, StageResult
+
+NAME = "data"
+VERSION = "1"
+READS = ("seed", "data")
+UPSTREAM = ()
+
+IMAGES_PER_TASK = 50
+COCO_SMALL_AREA = 32**2  # COCO's "small": area < 32^2
+PREVIEW_IMAGES = 8
+PREVIEW_TILE = 256
+PREVIEW_COLUMNS = 4
+BOX_COLOUR = (255, 235, 0)
+CROWD_COLOUR = (255, 0, 255)
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(path: Path, obj: object) -> None:
+    _write_bytes_atomic(path, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
+
+
+def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResult:
+    """Write the splits of `cfg.data` into `out` (see the module docstring)."""
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    if cfg.data.source == "synthetic":
+        return _run_synthetic(seed=cfg.seed, syn=cfg.data.synthetic, out=out, ctx=ctx)
+    return _run_coco(coco=cfg.data.coco, out=out, ctx=ctx)
+
+
+# ------------------------------------------------------------------ synthetic
+
+
+def generate_chunk(job: dict) -> list[synthetic.GeneratedImage]:
+    """Images job["start"]..job["stop"]-1 of one split (a Ray task; returns the JPEG bytes to the driver,
+    so workers need no shared filesystem)."""
+    return [synthetic.generate_image(seed=job["seed"], split=job["split"], index=index,
+                                     image_id=job["first_image_id"] + index, **job["scene"])
+            for index in range(job["start"], job["stop"])]
+
+
+def _scene_params(syn: SyntheticConfig) -> dict:
+    return dict(min_side=syn.min_side, max_side=syn.max_side, band_height=syn.band_height, cue_gap=syn.cue_gap,
+                max_overlap=syn.max_overlap, crowd_probability=syn.crowd_probability,
+                jpeg_quality=syn.jpeg_quality)
+
+
+def _run_synthetic(*, seed: int, syn: SyntheticConfig, out: Path, ctx: StageContext) -> StageResult:
+    started = time.perf_counter()
+    counts = {"train": syn.num_train, "minival": syn.num_minival, "test": syn.num_test}
+    jobs, first_id = [], 1  # image ids are unique across splits, as in COCO
+    for split in SPLITS:
+        for start in range(0, counts[split], IMAGES_PER_TASK):
+            jobs.append({"seed": seed + syn.seed_offset, "split": split, "start": start,
+                         "stop": min(start + IMAGES_PER_TASK, counts[split]), "first_image_id": first_id,
+                         "scene": _scene_params(syn)})
+        first_id += counts[split]
+    chunks = ctx.map(generate_chunk, jobs, desc="synthetic images")
+    generated: dict[str, list[synthetic.GeneratedImage]] = {split: [] for split in SPLITS}
+    for job, chunk in zip(jobs, chunks):
+        generated[job["split"]].extend(chunk)
+    index, metrics, summary = {"splits": {}, "categories": list(synthetic.CATEGORIES)}, {}, []
+    for split in SPLITS:
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        for item in ctx.progress(generated[split], desc=f"writing {split} images"):
+            _write_bytes_atomic(out / "images" / item.image["file_name"], item.jpeg)
+        coco = synthetic.coco_dataset(
+            images=[g.image for g in generated[split]],
+            annotations=[ann for g in generated[split] for ann in g.annotations],
+            description=f"context-shapes {split} split, seed {seed + syn.seed_offset}")
+        _write_json_atomic(out / "annotations" / f"{split}.json", coco)
+        index["splits"][split] = {"annotations": f"annotations/{split}.json", "image_dir": "images",
+                                  "has_annotations": True, "num_images": len(coco["images"])}
+        split_metrics, line = _split_counts(split, coco, per_class=True)
+        metrics.update(split_metrics)
+        summary.append(line)
+    seconds = time.perf_counter() - started
+    metrics["generate_seconds"] = seconds
+    summary.append(f"context-shapes generated in {seconds:.1f} s; context classes (told apart only by the sky): "
+                   + ", ".join(c["name"] for c in synthetic.CATEGORIES if c["id"] in synthetic.CONTEXT_CATEGORY_IDS))
+    train = generated["train"][:PREVIEW_IMAGES]
+    _write_preview(out / "plots" / "preview.png",
+                   [(Image.open(io.BytesIO(g.jpeg)).convert("RGB"), g.annotations) for g in train],
+                   CategoryMap.from_coco(list(synthetic.CATEGORIES)))
+    _write_json_atomic(out / INDEX_FILE, index)
+    return StageResult(metrics=metrics, summary=summary)
+
+
+def _split_counts(split: str, coco: dict, *, per_class: bool) -> tuple[dict[str, float], str]:
+    """Per-split metrics (images, boxes, small fraction, crowd; box counts per class when `per_class`)
+    and a summary line."""
+    anns = coco.get("annotations", [])
+    boxes = [a for a in anns if not a["iscrowd"]]
+    small = sum(a["area"] < COCO_SMALL_AREA for a in boxes)
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    class_counts = Counter(names[a["category_id"]] for a in boxes)
+    metrics = {f"{split}_images": float(len(coco["images"])), f"{split}_boxes": float(len(boxes)),
+               f"{split}_crowd": float(len(anns) - len(boxes)),
+               f"{split}_small_fraction": small / max(len(boxes), 1)}
+    if per_class:
+        metrics.update({f"{split}_class_{name}": float(n) for name, n in sorted(class_counts.items())})
+    if "annotations" not in coco:
+        return metrics, f"{split}: {len(coco['images'])} images, no annotations (test-dev)"
+    return metrics, (f"{split}: {len(coco['images'])} images, {len(boxes)} boxes "
+                     f"({100 * small / max(len(boxes), 1):.0f}% small), {len(anns) - len(boxes)} crowd")
+
+
+# ------------------------------------------------------------------ coco
+
+
+def _path(value: str | None) -> Path | None:
+    return None if value is None else Path(value)
+
+
+def _run_coco(*, coco: CocoConfig, out: Path, ctx: StageContext) -> StageResult:
+    report = ValidationReport()
+    splits = build_coco_splits(
+        train_annotations=Path(coco.train_annotations), train_images=Path(coco.train_images),
+        val_annotations=Path(coco.val_annotations), val_images=Path(coco.val_images),
+        minival_size=coco.minival_size, minival_ids_file=_path(coco.minival_ids_file), val_rest=coco.val_rest,
+        test_annotations=_path(coco.test_annotations), test_image_info=_path(coco.test_image_info),
+        test_images=_path(coco.test_images), on_bad=coco.on_bad_annotation, box_tolerance=coco.box_tolerance,
+        check_image_files=coco.check_image_files, report=report)
+    index: dict = {"splits": {}, "categories": splits["train"].coco["categories"]}
+    metrics, summary = report.metrics(), []
+    for name in SPLITS:
+        split = splits[name]
+        _write_json_atomic(out / "annotations" / f"{name}.json", split.coco)
+        index["splits"][name] = {"annotations": f"annotations/{name}.json", "image_dir": str(split.image_dir),
+                                 "has_annotations": split.has_annotations, "num_images": len(split.coco["images"])}
+        # 80 COCO classes x 3 splits would bury the headline metrics: counts per class only for synthetic.
+        split_metrics, line = _split_counts(name, split.coco, per_class=False)
+        metrics.update(split_metrics)
+        summary.append(line)
+    summary += report.lines()
+    train = splits["train"]
+    anns_of: dict[int, list[dict]] = {}
+    for ann in train.coco["annotations"]:
+        anns_of.setdefault(ann["image_id"], []).append(ann)
+    previews = []
+    for img in train.coco["images"][:PREVIEW_IMAGES]:
+        pixels = load_image(train.image_dir / img["file_name"], expected_size=(img["width"], img["height"]))
+        previews.append((Image.fromarray(pixels), anns_of.get(img["id"], [])))
+    _write_preview(out / "plots" / "preview.png", previews, CategoryMap.from_coco(train.coco["categories"]))
+    _write_json_atomic(out / INDEX_FILE, index)
+    return StageResult(metrics=metrics, summary=summary)
+
+
+# ------------------------------------------------------------------ preview
+
+
+def _write_preview(path: Path, images: list[tuple[Image.Image, list[dict]]], categories: CategoryMap) -> None:
+    """A grid of images with their boxes and class names (crowd regions in magenta)."""
+    rows = max(1, -(-len(images) // PREVIEW_COLUMNS))
+    grid = Image.new("RGB", (PREVIEW_COLUMNS * PREVIEW_TILE, rows * PREVIEW_TILE), (32, 32, 32))
+    for k, (image, annotations) in enumerate(images):
+        scale = PREVIEW_TILE / max(image.size)
+        tile = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+        draw = ImageDraw.Draw(tile)
+        for ann in annotations:
+            x, y, w, h = (v * scale for v in ann["bbox"])
+            colour = CROWD_COLOUR if ann.get("iscrowd") else BOX_COLOUR
+            draw.rectangle((x, y, x + max(w - 1, 0), y + max(h - 1, 0)), outline=colour)
+            draw.text((x + 1, max(y - 10, 0)), categories.name(ann["category_id"]), fill=colour)
+        grid.paste(tile, ((k % PREVIEW_COLUMNS) * PREVIEW_TILE, (k // PREVIEW_COLUMNS) * PREVIEW_TILE))
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG")
+    _write_bytes_atomic(path, buffer.getvalue())

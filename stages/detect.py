@@ -1,0 +1,119 @@
+"""The detect stage: the trained detector run once over minival and test with
+the test proposal mix, keeping every candidate any NMS / voting threshold could
+use (score >= detect.score_thresh), so tune and evaluate never run the network.
+
+    <out>/parts/<set>_<split>/       finished shards of images (a killed run resumes)
+    <out>/raw_<split>_plain.h5       candidates of the unflipped image (stages/raw_detections.py)
+    <out>/raw_<split>_flip.h5        flip-merged candidates (detect.flip)
+
+Images go to Ray tasks in shards of `detect.images_per_task`; each task loads
+the detector once per worker process (on a GPU when the cluster has one).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ion.data.images import load_image
+from ion.data.split import DetectionSplit
+from ion.inference import predict_raw
+from pipeline.context import StageContext, StageResult
+from proposals.store import ProposalStore, Shard, ShardedWriter, write_shard
+from stages.raw_detections import as_item, write_raw
+from stages.train import load_trained_detector
+
+NAME = "detect"
+VERSION = "1"
+READS = ("detect",)
+UPSTREAM = ("data", "proposals", "train")
+
+
+@dataclass(frozen=True)
+class DetectTask:
+    """One Ray task: the raw candidates of one shard of one split's images."""
+
+    split: str
+    shard: Shard
+    images: tuple[tuple[int, str, int, int], ...]  # (image_id, path, width, height)
+    proposals: str  # the split's mixed proposal store
+    train_dir: str
+    parts_dirs: dict  # candidate set -> directory its shard file goes to
+    flip: bool
+    score_thresh: float
+    two_rounds: bool
+
+
+def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResult:
+    dcfg = cfg.detect
+    sets = ("plain", "flip") if dcfg.flip else ("plain",)
+    metrics, summary = {}, []
+    for split_name in dcfg.splits:
+        split = DetectionSplit.load(inputs["data"], split_name)
+        records = split.images[: dcfg.max_images] if dcfg.max_images else split.images
+        ids = [r.image_id for r in records]
+        writers = {s: ShardedWriter(out / "parts" / f"{s}_{split_name}", ids, images_per_shard=dcfg.images_per_task)
+                   for s in sets}
+        by_id = {r.image_id: r for r in records}
+        pending = [shard for shard in writers["plain"].shards if any(not w.is_done(shard) for w in writers.values())]
+        tasks = [DetectTask(split=split_name, shard=shard,
+                            images=tuple((i, str(by_id[i].path), by_id[i].width, by_id[i].height)
+                                         for i in shard.image_ids),
+                            proposals=str(inputs["proposals"] / f"mixed_{split_name}.h5"),
+                            train_dir=str(inputs["train"]), parts_dirs={s: str(w.directory) for s, w in writers.items()},
+                            flip=dcfg.flip, score_thresh=dcfg.score_thresh, two_rounds=dcfg.two_rounds)
+                 for shard in pending]
+        started = time.perf_counter()
+        if tasks:
+            ctx.map(detect_shard, tasks, desc=f"detect {split_name}", gpu=True)
+        seconds = time.perf_counter() - started
+        candidates = 0
+        for name, writer in writers.items():
+            path = out / f"raw_{split_name}_{name}.h5"
+            items = list(writer.iter_items())
+            candidates += sum(len(item[1]) for item in items) if name == "plain" else 0
+            write_raw(path, items, categories=split.categories,
+                      attrs={"split": split_name, "set": name, "score_thresh": dcfg.score_thresh})
+        computed = sum(len(t.images) for t in tasks)
+        if computed:
+            metrics[f"{split_name}_images_per_s"] = computed / seconds
+        metrics[f"{split_name}_candidates_per_image"] = candidates / max(1, len(ids))
+        summary.append(f"{split_name}: {len(ids)} images, {candidates / max(1, len(ids)):.0f} candidates per image "
+                       f"(score >= {dcfg.score_thresh})"
+                       + (f", {computed / seconds:.1f} images/s" if computed else ", all shards cached"))
+    return StageResult(metrics=metrics, summary=summary)
+
+
+_MODEL_CACHE: dict = {}
+
+
+def _detector(train_dir: str):
+    """The trained detector, loaded once per worker process."""
+    if _MODEL_CACHE.get("dir") != train_dir:
+        _MODEL_CACHE.clear()
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, model_cfg = load_trained_detector(Path(train_dir), device=device)
+        _MODEL_CACHE.update(dir=train_dir, model=model.eval(), cfg=model_cfg)
+    return _MODEL_CACHE["model"], _MODEL_CACHE["cfg"]
+
+
+def detect_shard(task: DetectTask) -> int:
+    """A Ray task: raw candidates of one shard, saved per candidate set; returns the image count."""
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # one task per core: Ray's tasks are the parallelism
+    model, model_cfg = _detector(task.train_dir)
+    per_set: dict[str, list] = {s: [] for s in task.parts_dirs}
+    with ProposalStore(task.proposals) as store:
+        for image_id, path, width, height in task.images:
+            image = load_image(Path(path), expected_size=(width, height))
+            boxes, _ = store.get(image_id)
+            raw = predict_raw(model, image, boxes, min_size=model_cfg.input.min_size,
+                              max_size=model_cfg.input.max_size, flip=task.flip,
+                              score_thresh=task.score_thresh, two_rounds=task.two_rounds)
+            for name in per_set:
+                per_set[name].append(as_item(image_id, raw[name]))
+    for name, items in per_set.items():
+        write_shard(task.parts_dirs[name], task.shard, items)
+    return len(task.images)

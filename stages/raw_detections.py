@@ -1,0 +1,48 @@
+"""The detect stage's output format: raw per-image candidates before NMS.
+
+Stored in the project's ragged HDF5 store (proposals/store.py), one file per
+split and candidate set (`raw_<split>_<set>.h5`, set = plain or flip): boxes
+float32 (M, 4) xyxy in original-image pixels, scores float32 (M,), and the
+contiguous class label of each candidate in the store's per-box int8 tag
+column, with `attrs["source_names"][label]` the class name (label 0 =
+background, never stored). int8 bounds the classes at 127; COCO has 80.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from ion.data.categories import CategoryMap
+from ion.postprocess import Detections
+from proposals.store import ProposalStore, write_store
+
+MAX_LABEL = np.iinfo(np.int8).max
+REBUILD = "python -m pipeline run --stages detect --force"
+
+
+def label_names(categories: CategoryMap) -> list[str]:
+    """Names indexed by label: ["__background__", name of label 1, ...]."""
+    if categories.num_classes > MAX_LABEL:
+        raise ValueError(f"{categories.num_classes} classes: the raw store holds at most {MAX_LABEL}")
+    return ["__background__"] + [categories.name(categories.category_id(k))
+                                 for k in range(1, categories.num_classes + 1)]
+
+
+def as_item(image_id: int, raw: dict[str, np.ndarray]) -> tuple:
+    """A store item from one image's candidate set (ion.inference.predict_raw)."""
+    return int(image_id), raw["boxes"], raw["scores"], raw["labels"].astype(np.int8)
+
+
+def write_raw(path: Path, items: Iterable[tuple], *, categories: CategoryMap, attrs: dict) -> Path:
+    """Write `items` (image_id, boxes, scores, labels int8) atomically to `path`."""
+    return write_store(path, items, {"source_names": label_names(categories), "content": "raw detections",
+                                     **attrs})
+
+
+def read_raw(path: Path) -> dict[int, Detections]:
+    """Every image's candidates: image id -> Detections(boxes, scores, labels int64), numpy."""
+    with ProposalStore(path) as store:
+        return {image_id: Detections(boxes, scores, labels.astype(np.int64))
+                for image_id, boxes, scores, labels in store.iter_items(with_sources=True)}

@@ -1,0 +1,41 @@
+"""`pipeline status`: cached / stale / missing / modified per stage."""
+from __future__ import annotations
+
+from pipeline.graph import cache_keys
+from pipeline.status import format_status, stage_statuses
+from pipeline.store import ArtifactStore
+from tests.pipeline import fake_stages
+from tests.pipeline.fake_stages import Beta, config, run
+
+
+def states(workdir, cfg, verify=False) -> dict[str, str]:
+    return {s.name: s.state for s in stage_statuses(fake_stages.stages(), cfg, ArtifactStore(workdir), verify=verify)}
+
+
+def test_status_cached_stale_missing(workdir):
+    cfg = config(workdir)
+    assert states(workdir, cfg) == {"one": "missing", "two": "missing", "three": "missing"}
+    report = run(cfg, "one,two")
+    assert states(workdir, cfg) == {"one": "cached", "two": "cached", "three": "missing"}
+    changed = config(workdir, beta=Beta(b=0.75))
+    assert states(workdir, changed) == {"one": "cached", "two": "stale", "three": "missing"}
+
+    store = ArtifactStore(workdir)
+    statuses = stage_statuses(fake_stages.stages(), changed, store)
+    keys, old = cache_keys(fake_stages.stages(), changed), cache_keys(fake_stages.stages(), cfg)
+    assert statuses[0].run_id == report.outcomes[0].run_id
+    lines = format_status(statuses, store).splitlines()
+    assert lines[0] == f"workdir: {workdir}"
+    assert lines[4] == f"one        {keys['one'][:12]}  cached    {report.outcomes[0].run_id}"
+    assert lines[5] == f"two        {keys['two'][:12]}  stale     -  (an older output: {old['two'][:12]})"
+    assert lines[6] == f"three      {keys['three'][:12]}  missing   -"
+
+
+def test_status_verify_finds_modified_outputs(workdir):
+    cfg = config(workdir)
+    run(cfg, "one")
+    out = ArtifactStore(workdir).path("one", cache_keys(fake_stages.stages(), cfg)["one"])
+    assert states(workdir, cfg, verify=True)["one"] == "cached"
+    (out / "piece1.json").write_text("{}")
+    assert states(workdir, cfg)["one"] == "cached"  # without verify only the manifest is read
+    assert states(workdir, cfg, verify=True)["one"] == "modified"

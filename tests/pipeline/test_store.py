@@ -1,0 +1,103 @@
+"""The artifact store: manifests written last and atomically, checksums, stale keys, locks."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+from ion.errors import UserError
+from pipeline.store import MANIFEST, ArtifactStore, file_sha256
+
+
+def produce(store: ArtifactStore, key: str = "k1") -> None:
+    out = store.prepare("s", key, clear=False)
+    (out / "a.bin").write_bytes(b"abc")
+    (out / "sub").mkdir()
+    (out / "sub" / "b.txt").write_text("hello")
+    store.write_manifest("s", key, version="1", upstream={"u": "k0"}, run_id="r1", timings={"run_s": 1.0},
+                         metrics={"m": 2.0}, summary=["done"])
+
+
+def test_output_exists_only_with_its_manifest(tmp_path):
+    store = ArtifactStore(tmp_path)
+    out = store.prepare("s", "k1", clear=False)
+    (out / "a.bin").write_bytes(b"abc")
+    assert not store.exists("s", "k1") and store.manifest("s", "k1") is None
+    store.write_manifest("s", "k1", version="1", upstream={}, run_id=None, timings={}, metrics={}, summary=[])
+    assert store.exists("s", "k1")
+    assert sorted(p.name for p in out.iterdir()) == ["a.bin", MANIFEST]  # no .tmp left behind
+
+
+def test_manifest_records_checksums_of_every_other_file(tmp_path):
+    store = ArtifactStore(tmp_path)
+    produce(store)
+    manifest = store.manifest("s", "k1")
+    out = store.path("s", "k1")
+    assert manifest["files"] == {
+        "a.bin": {"sha256": file_sha256(out / "a.bin"), "bytes": 3},
+        "sub/b.txt": {"sha256": file_sha256(out / "sub" / "b.txt"), "bytes": 5},
+    }
+    assert file_sha256(out / "a.bin") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert {k: manifest[k] for k in ("stage", "key", "version", "upstream", "mlflow_run_id", "metrics", "summary")} == {
+        "stage": "s", "key": "k1", "version": "1", "upstream": {"u": "k0"}, "mlflow_run_id": "r1",
+        "metrics": {"m": 2.0}, "summary": ["done"]}
+    assert store.verify("s", "k1") == []
+    (out / "sub" / "b.txt").write_text("changed")
+    (out / "a.bin").unlink()
+    assert store.verify("s", "k1") == ["a.bin", "sub/b.txt"]
+
+
+def test_manifest_write_is_a_rename(tmp_path, monkeypatch):
+    """A crash while the manifest is written leaves the old state: no manifest."""
+    store = ArtifactStore(tmp_path)
+    store.prepare("s", "k1", clear=False)
+
+    def crash(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        store.write_manifest("s", "k1", version="1", upstream={}, run_id=None, timings={}, metrics={}, summary=[])
+    assert not store.exists("s", "k1")
+
+
+def test_other_keys_and_clear(tmp_path):
+    store = ArtifactStore(tmp_path)
+    produce(store, "k1")
+    produce(store, "k2")
+    store.prepare("s", "k3", clear=False)  # unfinished: not an output
+    assert store.other_keys("s", "k1") == ["k2"]
+    assert store.other_keys("t", "k1") == []
+    out = store.prepare("s", "k1", clear=True)
+    assert list(out.iterdir()) == [] and not store.exists("s", "k1")
+
+
+def test_corrupt_manifest_is_a_user_error(tmp_path):
+    store = ArtifactStore(tmp_path)
+    produce(store)
+    (store.path("s", "k1") / MANIFEST).write_text("{not json")
+    with pytest.raises(UserError, match="manifest.json: not a valid manifest .* rerun the stage with --force"):
+        store.manifest("s", "k1")
+
+
+def test_lock_makes_the_second_holder_wait(tmp_path, capsys):
+    store = ArtifactStore(tmp_path)
+    events = []
+
+    def hold():
+        with store.locked("s", "k1"):
+            events.append("first in")
+            time.sleep(0.6)
+            events.append("first out")
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    while not events:
+        time.sleep(0.01)
+    with store.locked("s", "k1", notify_after_s=0.1):
+        events.append("second in")
+    thread.join()
+    assert events == ["first in", "first out", "second in"]
+    assert "waiting for another run producing s (k1)" in capsys.readouterr().err

@@ -1,0 +1,142 @@
+"""The data stage writes what docs/CONTRACTS.md ("Data stage outputs") promises."""
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+import stages.data as data_stage
+from ion.data.config import CocoConfig, DataConfig, SyntheticConfig
+from ion.data.split import DetectionSplit, instance_masks
+from ion.data.synthetic import CONTEXT_CATEGORY_IDS
+from ion.errors import UserError
+from pipeline.config import PROJECT_ROOT, Config, load_config
+from pipeline.context import StageResult
+
+
+class FakeContext:
+    """A StageContext that maps in-process and records what the stage logs."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.runtime = None
+        self.mapped: list[str] = []
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_params(self, params):
+        pass
+
+    def map(self, fn, items, desc, gpu=False):
+        self.mapped.append(desc)
+        return [fn(item) for item in items]
+
+    def progress(self, iterable, desc, total=None):
+        return iterable
+
+
+def _run(cfg, out: Path) -> StageResult:
+    out.mkdir(parents=True)
+    return data_stage.run(cfg, {}, out, FakeContext(out.parent))
+
+
+def _tiny_synthetic() -> Config:
+    return dataclasses.replace(Config(), seed=3, data=DataConfig(
+        synthetic=SyntheticConfig(num_train=6, num_minival=3, num_test=2, crowd_probability=0.5)))
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_stage_declares_its_key_inputs():
+    assert (data_stage.NAME, data_stage.READS, data_stage.UPSTREAM) == ("data", ("seed", "data"), ())
+
+
+def test_synthetic_run_writes_the_contract(tmp_path):
+    out = tmp_path / "out"
+    result = _run(_tiny_synthetic(), out)
+    index = json.loads((out / "index.json").read_text())
+    assert set(index["splits"]) == {"train", "minival", "test"}
+    assert [c["id"] for c in index["categories"]] == [1, 3, 7, 12, 18, 25, 33, 42]
+    image_ids = []
+    for name, count in (("train", 6), ("minival", 3), ("test", 2)):
+        entry = index["splits"][name]
+        assert entry == {"annotations": f"annotations/{name}.json", "image_dir": "images",
+                         "has_annotations": True, "num_images": count}
+        split = DetectionSplit.load(out, name)
+        assert len(split.images) == count and split.has_annotations
+        assert split.context_category_ids == CONTEXT_CATEGORY_IDS
+        assert split.categories.num_classes == 8
+        COCO(str(split.annotation_file))  # valid for pycocotools
+        for record in split.images:
+            image = record.load()
+            assert image.shape == (record.height, record.width, 3)
+            assert record.path.parent == out / "images" / name
+            masks = instance_masks(record)
+            assert masks.shape[0] == len(record.boxes) > 0
+            x1, y1, x2, y2 = record.boxes[0]
+            assert masks[0].any() and not masks[0][:, : int(x1)].any() and not masks[0][: int(y1)].any()
+            image_ids.append(record.image_id)
+        assert result.metrics[f"{name}_images"] == count
+        assert result.metrics[f"{name}_boxes"] == sum(int((~r.iscrowd).sum()) for r in split.images)
+    assert len(set(image_ids)) == len(image_ids)  # ids unique across splits
+    assert 0.5 < result.metrics["train_small_fraction"] <= 1.0
+    assert any(line.startswith("train: 6 images") for line in result.summary)
+    preview = Image.open(out / "plots" / "preview.png")
+    assert preview.size == (4 * 256, 2 * 256)
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_synthetic_run_is_deterministic(tmp_path):
+    _run(_tiny_synthetic(), tmp_path / "a")
+    _run(_tiny_synthetic(), tmp_path / "b")
+    first, second = _files(tmp_path / "a"), _files(tmp_path / "b")
+    assert first.keys() == second.keys() and first == second
+    other_seed = dataclasses.replace(_tiny_synthetic(), seed=4)
+    _run(other_seed, tmp_path / "c")
+    assert (tmp_path / "c" / "annotations" / "train.json").read_bytes() != first["annotations/train.json"]
+
+
+def test_coco_mini_through_the_stage(tmp_path):
+    cfg = load_config(PROJECT_ROOT / "configs" / "coco_mini.yaml")
+    out = tmp_path / "out"
+    result = _run(cfg, out)
+    index = json.loads((out / "index.json").read_text())
+    for name, count in (("train", 80), ("minival", 40), ("test", 39)):
+        assert index["splits"][name]["num_images"] == count
+        assert Path(index["splits"][name]["image_dir"]).is_absolute()
+    assert not (out / "images").exists()  # real images stay where they are
+    assert result.metrics["train_crowd"] == 8 and result.metrics["train_boxes"] == 739 - 8
+    test = DetectionSplit.load(out, "test")
+    assert test.context_category_ids == () and test.categories.ids[-1] == 90
+    record = max(test.images, key=lambda r: len(r.boxes))
+    assert record.load().shape == (record.height, record.width, 3)
+    assert record.boxes.dtype == np.float32 and (record.boxes[:, 2:] > record.boxes[:, :2]).all()
+    assert (out / "plots" / "preview.png").is_file()
+
+
+def test_coco_with_missing_files_is_a_user_error(tmp_path, shared_dir):
+    mini = shared_dir / "data" / "coco-mini"
+    coco = CocoConfig(train_annotations=str(tmp_path / "nope.json"), train_images=str(mini / "train2017"),
+                      val_annotations=str(mini / "annotations" / "instances_val2017.json"),
+                      val_images=str(mini / "val2017"), minival_size=40, val_rest="test")
+    cfg = dataclasses.replace(Config(), data=DataConfig(source="coco", coco=coco))
+    with pytest.raises(UserError, match="nope.json: no such file"):
+        _run(cfg, tmp_path / "out")
+    assert not (tmp_path / "out" / "index.json").exists()
+
+
+def test_coco_config_rules():
+    with pytest.raises(ValueError, match="coco.train_annotations is required"):
+        DataConfig(source="coco")
+    paths = dict(train_annotations="a", train_images="b", val_annotations="c", val_images="d")
+    with pytest.raises(ValueError, match="exactly one of coco.test_annotations and coco.test_image_info"):
+        DataConfig(source="coco", coco=CocoConfig(**paths))
+    with pytest.raises(ValueError, match="drop coco.test_image_info"):
+        DataConfig(source="coco", coco=CocoConfig(**paths, val_rest="test", test_image_info="x"))
+    DataConfig(source="coco", coco=CocoConfig(**paths, test_image_info="x", test_images="y"))
