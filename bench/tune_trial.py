@@ -127,6 +127,7 @@ def fast_trial(params: Thresholds) -> float:
 
 
 def _pycocotools_results(dets: dict[int, Detections], categories: CategoryMap) -> list[dict]:
+    """COCO results dicts with the exact floats the fast Evaluator sees (no rounding)."""
     image_ids, boxes, scores, cat_ids = flatten_detections(dets, categories)
     return [{"image_id": i, "category_id": c, "bbox": b, "score": s}
             for i, c, b, s in zip(image_ids.tolist(), cat_ids.tolist(), boxes.tolist(), scores.tolist())]

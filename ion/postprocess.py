@@ -139,7 +139,7 @@ def weighted_vote(*, keep: np.ndarray, boxes: np.ndarray, scores: np.ndarray, la
     votes = (iou >= vote_iou) | (pair_cand == np.take(keep, pair_kept))  # NaN IoU of a 0-area box: itself only
     weights = np.where(votes, np.take(scores, pair_cand).astype(np.float64), 0.0)  # (P,)
     total = np.add.reduceat(cand * weights, first_pair, axis=1)  # (4, N)
-    return (total / np.add.reduceat(weights, first_pair)).T.astype(np.float32)
+    return np.ascontiguousarray((total / np.add.reduceat(weights, first_pair)).T, dtype=np.float32)  # (N, 4)
 
 
 def box_iou_pairs(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:

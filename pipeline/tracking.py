@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
+import re
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -47,6 +48,18 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+_MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
+# MLflow accepts alphanumerics and _ - . space : / in metric and param names.
+_BAD_KEY_CHARS = re.compile(r"[^0-9A-Za-z_\-. :/]")
+
+
+def mlflow_key(name: str) -> str:
+    """`name` as MLflow accepts it for a metric or param: "AR@100" -> "AR_at_100",
+    "phases[0].lr" -> "phases.0.lr"; other characters become "_"."""
+    name = name.replace("@", "_at_").replace("[", ".").replace("]", "")
+    return _clip(_BAD_KEY_CHARS.sub("_", name), MAX_ENTITY_KEY_LENGTH)
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -60,15 +73,15 @@ class TrackedRun:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         stamp = _now_ms()
-        batch = [Metric(key=_clip(k, MAX_ENTITY_KEY_LENGTH), value=float(v), timestamp=stamp, step=step or 0)
+        batch = [Metric(key=mlflow_key(k), value=float(v), timestamp=stamp, step=step or 0)
                  for k, v in metrics.items()]
-        if batch:
-            self._client.log_batch(self.run_id, metrics=batch)
+        for start in range(0, len(batch), _MAX_METRICS_PER_BATCH):
+            self._client.log_batch(self.run_id, metrics=batch[start:start + _MAX_METRICS_PER_BATCH])
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Nested values are flattened to dotted keys; values are clipped to MLflow's length limit."""
         flat = flatten(dict(params))
-        batch = [Param(_clip(k, MAX_ENTITY_KEY_LENGTH), _clip(str(v), MAX_PARAM_VAL_LENGTH)) for k, v in flat.items()]
+        batch = [Param(mlflow_key(k), _clip(str(v), MAX_PARAM_VAL_LENGTH)) for k, v in flat.items()]
         if batch:
             self._client.log_batch(self.run_id, params=batch)
 

@@ -122,7 +122,8 @@ def run_trainer(worker_fn: Callable[..., Any], worker_config: dict[str, Any], se
         _worker_entry,
         train_loop_config={"fn": worker_fn, "config": worker_config},
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if setup.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=setup.num_workers, use_gpu=setup.use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=setup.num_workers, use_gpu=setup.use_gpu,
+                                               resources_per_worker=_worker_resources(setup)),
         run_config=ray.train.RunConfig(
             name=setup.name,
             storage_path=str(setup.storage_dir.resolve()),
@@ -145,6 +146,17 @@ def run_trainer(worker_fn: Callable[..., Any], worker_config: dict[str, Any], se
     if result.checkpoint is not None:
         latest = next((c for c in kept if c.checkpoint.path == result.checkpoint.path), None)
     return TrainerOutcome(return_value=value, checkpoints=kept, latest=latest)
+
+
+def _worker_resources(setup: TrainerSetup) -> dict[str, float]:
+    """One GPU per worker on GPUs; on CPUs at most one CPU each, less when the
+    Ray instance has fewer CPUs than workers (runtime.num_workers < train_workers),
+    so the worker group can start at all."""
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    resources = {"CPU": min(1.0, cpus / setup.num_workers)}
+    if setup.use_gpu:
+        resources["GPU"] = 1.0
+    return resources
 
 
 def _reported(checkpoint: ray.train.Checkpoint, metrics: dict[str, Any]) -> ReportedCheckpoint:

@@ -275,7 +275,8 @@ def prepare_image(image: np.ndarray, *, min_size: int, max_size: int, flip: bool
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
     H, W = image.shape[:2]
-    x = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].float() / 255.0
+    # np.array copies: images read from caches may be read-only, which torch warns about.
+    x = torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1)[None].float() / 255.0
     if flip:
         x = x.flip(-1)
     size = rpn_input_size(height=H, width=W, min_size=min_size, max_size=max_size)

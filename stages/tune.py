@@ -128,12 +128,12 @@ def _distributions(tcfg) -> dict[str, optuna.distributions.BaseDistribution]:
 
 
 def _complete(study) -> list:
-    return study.get_trials(deep=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
 def _fail_unfinished(study: optuna.Study) -> None:
     """Trials asked for by a killed run were never told: close them as failed."""
-    for trial in study.get_trials(deep=False, states=(optuna.trial.TrialState.RUNNING,)):
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 

@@ -3,8 +3,9 @@
 A scene, top to bottom:
 
     +--------------------------------------+  0
-    | sky: its colour is the scene type    |  the far cue (day / dusk / night)
-    +--------------------------------------+  sky_bottom  (32 .. H - band - cue_gap)
+    | sky: colour + landmark = scene type  |  the far cue: day (blue, clouds), dusk (orange,
+    |                                      |  setting sun), night (dark, moon and stars)
+    +--------------------------------------+  sky_bottom  (40 .. H - band - cue_gap)
     | grass / water / road regions, random |  houses, trees, cars (large, told by shape),
     | layout; large and small objects      |  balls, kites (small, told by shape), crowds
     |            >= cue_gap pixels         |
@@ -14,10 +15,10 @@ A scene, top to bottom:
 
 The crates' class is the scene type (crate_day / crate_dusk / crate_night),
 and nothing near a crate depends on it: the scene type is drawn from its own
-random stream and only `draw_sky` receives it; `draw_context_object` gets a
-box. A detector whose features around a crate stop short of the sky (a
-receptive field below `cue_gap`) sees three classes that look alike and can
-only guess; one that reads the whole image (the IRNN of Sec. 3.1) can read the
+random stream and only `draw_sky` and `draw_landmark` receive it, to draw sky
+rows; `draw_context_object` gets a box. A detector whose features around a
+crate stop short of the sky (a receptive field below `cue_gap`) sees three
+classes that look alike and can only guess; one that reads the whole image (the IRNN of Sec. 3.1) can read the
 sky. The easy version, where the class follows the colour right around the
 object, is solved by a plain Fast R-CNN head (measured on a prototype), so the
 ground around the crates is made the same for every class. Nothing global

@@ -146,10 +146,16 @@ def _write(tmp_path, data, name="instances.json"):
     return path
 
 
-def test_tiny_dataset_is_valid(tmp_path):
+def test_tiny_dataset_is_valid_and_keeps_images_without_annotations(tmp_path):
     folder, data = _tiny(tmp_path)
+    Image.new("RGB", (40, 30)).save(folder / "empty.jpg")
+    data["images"].append({"id": 30, "file_name": "empty.jpg", "width": 40, "height": 30})
     coco = _read(_write(tmp_path, data), folder)
     assert coco["annotations"] == data["annotations"] and coco["images"] == data["images"]
+    record = ImageRecord(image_id=30, path=folder / "empty.jpg", width=40, height=30,
+                         boxes=np.zeros((0, 4), np.float32), category_ids=np.zeros(0, np.int64),
+                         iscrowd=np.zeros(0, bool), segmentations=[])
+    assert instance_masks(record).shape == (0, 30, 40)
 
 
 BAD_CASES = {

@@ -213,7 +213,8 @@ def test_validate_results_names_unknown_ids(mini_gt):
     with pytest.raises(UserError) as err:
         validate_results(bad, mini_gt, source="out/results.json")
     message = str(err.value)
-    assert message.startswith("out/results.json: 12 unknown image ids [-12, -11, -10, -9, -8, -7, -6, -5, -4, -3] ...")
+    assert message.startswith(
+        "out/results.json: 12 unknown image ids [-12, -11, -10, -9, -8, -7, -6, -5, -4, -3] ...")
     assert "1 unknown category ids [1000]" in message
     with pytest.raises(UserError, match=r"detection \[1\] lacks \['score'\]"):
         validate_results([good, {k: v for k, v in good.items() if k != "score"}], mini_gt)
