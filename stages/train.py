@@ -169,7 +169,8 @@ def _placement(runtime) -> tuple[bool, bool]:
     return use_ray_train(runtime)
 
 
-def _run_ray(cfg, *, runtime, inputs: dict[str, Path], out: Path, files: CheckpointFiles, use_gpu: bool) -> tuple[dict, dict]:
+def _run_ray(cfg, *, runtime, inputs: dict[str, Path], out: Path, files: CheckpointFiles,
+             use_gpu: bool) -> tuple[dict, dict]:
     """Train under Ray Train, then copy the kept checkpoints into out/checkpoints."""
     from pipeline.train_adapter import TrainerSetup, run_trainer
     tcfg = cfg.train

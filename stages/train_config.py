@@ -130,8 +130,9 @@ class TrainConfig:
                           "(Sec. 4.1: 80 for 4 images, 20 per image); null = no clipping", "min": 0.0})
     momentum_semantics: Literal["caffe", "pytorch"] = field(
         default="caffe",
-        metadata={"help": "caffe: the momentum buffer holds lr * gradient (the paper's Caffe), so an lr change "
-                          "does not rescale the velocity; pytorch: torch.optim.SGD's buffer, rescaled by lr"})
+        metadata={"help": "caffe (the paper's framework): the velocity includes the lr it was built with, so an lr "
+                          "change applies only to new gradients; pytorch: torch.optim.SGD's buffer, whose whole "
+                          "content is scaled by the current lr (ion/train_loop.py explains)"})
     checkpoint_every: int = field(
         default=100, metadata={"help": "write checkpoints/last.pt every N iterations (and at phase ends)",
                                "min": 1})

@@ -1,0 +1,290 @@
+"""The detect, tune and evaluate stages on the smoke pipeline's outputs
+(issue 6): the raw candidate cache, the Optuna study and its resume, the
+evaluation settings, test-dev submission files, and missing upstream outputs."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from pycocotools.coco import COCO
+
+import stages.evaluate as evaluate_stage
+import stages.tune as tune_stage
+from ion.data.split import DetectionSplit
+from ion.evaluation.coco_eval import coco_eval
+from ion.evaluation.evaluator import Evaluator
+from ion.evaluation.metrics import STAT_NAMES
+from ion.evaluation.results import to_coco_results, validate_results
+from ion.inference import predict_raw
+from ion.tuning import Thresholds, apply_thresholds, objective
+from pipeline.config import PROJECT_ROOT
+from proposals.store import ProposalStore
+from stages.raw_detections import label_names, read_raw
+from stages.train import load_trained_detector
+from tests.stages.conftest import SMOKE_CONFIG, FakeContext, copy_artifact
+
+SETTINGS = ("final", "no_flip", "no_voting", "baseline")
+
+
+def _journal_trials(path: Path) -> list[optuna.trial.FrozenTrial]:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    return optuna.load_study(study_name=tune_stage.STUDY_NAME, storage=storage).get_trials()
+
+
+# ----------------------------------------------------------------------------- detect
+
+
+def test_raw_cache_equals_running_the_detector(smoke_run):
+    dirs, dcfg = smoke_run.dirs, smoke_run.cfg.detect
+    split = DetectionSplit.load(dirs["data"], "minival")
+    raw = {which: read_raw(dirs["detect"] / f"raw_minival_{which}.h5") for which in ("plain", "flip")}
+    for which, per_image in raw.items():
+        assert list(per_image) == [r.image_id for r in split.images]
+        with ProposalStore(dirs["detect"] / f"raw_minival_{which}.h5") as store:
+            assert store.source_names == tuple(label_names(split.categories))
+            assert (store.attrs["set"], store.attrs["score_thresh"]) == (which, dcfg.score_thresh)
+        for dets in per_image.values():
+            assert (dets.scores >= dcfg.score_thresh).all()
+            assert dets.labels.min() >= 1 and dets.labels.max() <= split.categories.num_classes
+
+    model, model_cfg = load_trained_detector(dirs["train"], device=torch.device("cpu"))
+    record = split.images[0]
+    with ProposalStore(dirs["proposals"] / "mixed_minival.h5") as proposals:
+        boxes, _ = proposals.get(record.image_id)
+    direct = predict_raw(model, record.load(), boxes, min_size=model_cfg.input.min_size,
+                         max_size=model_cfg.input.max_size, flip=True, score_thresh=dcfg.score_thresh,
+                         two_rounds=dcfg.two_rounds)
+    for which in ("plain", "flip"):
+        cached = raw[which][record.image_id]
+        assert len(cached.boxes) > 0
+        np.testing.assert_array_equal(cached.boxes, direct[which]["boxes"])
+        np.testing.assert_array_equal(cached.scores, direct[which]["scores"])
+        np.testing.assert_array_equal(cached.labels, direct[which]["labels"])
+        assert cached.labels.dtype == np.int64
+
+
+# ----------------------------------------------------------------------------- tune
+
+
+def test_best_thresholds_are_in_range_and_reproduce_their_ap(smoke_run):
+    tcfg, dirs = smoke_run.cfg.tune, smoke_run.dirs
+    best = json.loads((dirs["tune"] / "best.json").read_text())
+    assert tcfg.nms_iou[0] <= best["nms_iou"] <= tcfg.nms_iou[1]
+    assert tcfg.vote_iou[0] <= best["vote_iou"] <= tcfg.vote_iou[1]
+    assert (best["score_thresh"], best["max_dets"]) == (0.05, 100)  # not tuned in the smoke config
+    assert best["trials"] == tcfg.trials and best["candidates"] == "raw_minival_flip.h5"
+
+    minival = DetectionSplit.load(dirs["data"], "minival")
+    evaluator = Evaluator(minival.annotation_file)
+    raw = read_raw(dirs["detect"] / "raw_minival_flip.h5")
+    params = {k: best[k] for k in ("nms_iou", "vote_iou", "score_thresh", "max_dets")}
+    assert best["AP"] == objective(evaluator, raw, Thresholds(**params))
+    assert best["baseline"]["AP"] == objective(evaluator, raw, Thresholds(nms_iou=tcfg.baseline_nms_iou))
+
+    trials = _journal_trials(dirs["tune"] / "study.journal")
+    assert [t.number for t in trials] == list(range(tcfg.trials))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    top = max(trials, key=lambda t: t.value)
+    assert (best["trial"], best["AP"], best["nms_iou"]) == (top.number, top.value, top.params["nms_iou"])
+    for plot in ("history.png", "contour.png"):
+        assert (dirs["tune"] / "plots" / plot).stat().st_size > 0
+
+
+def _tune_inputs(smoke_run) -> dict[str, Path]:
+    return {"data": smoke_run.dirs["data"], "detect": smoke_run.dirs["detect"]}
+
+
+def _with_trials(cfg, trials: int):
+    return dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, trials=trials))
+
+
+def test_repeated_and_extended_study_resumes(smoke_run, tmp_path):
+    cfg, journal_name = smoke_run.cfg, "study.journal"
+    out = copy_artifact(smoke_run.dirs["tune"], tmp_path)
+    (out / "manifest.json").unlink()
+    before = _journal_trials(out / journal_name)
+
+    # The same number of trials: the study is complete, nothing is evaluated again.
+    ctx = FakeContext(tmp_path)
+    tune_stage.run(cfg, _tune_inputs(smoke_run), out, ctx)
+    assert ctx.maps == []
+    assert len(_journal_trials(out / journal_name)) == len(before)
+
+    # Three more trials: numbers continue, earlier trials are untouched.
+    more = cfg.tune.trials + 3
+    ctx = FakeContext(tmp_path)
+    result = tune_stage.run(_with_trials(cfg, more), _tune_inputs(smoke_run), out, ctx)
+    after = _journal_trials(out / journal_name)
+    assert [t.number for t in after] == list(range(more))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in after)
+    for old, new in zip(before, after):
+        assert (new.params, new.value) == (old.params, old.value)
+    evaluated = [task["params"] for fn, items in ctx.maps for task in items]
+    assert all(fn is tune_stage.trial_ap for fn, _ in ctx.maps)
+    assert evaluated == [t.params for t in after[len(before):]]
+    # A resumed random sampler does not replay the first draws.
+    assert all(t.params not in [o.params for o in before] for t in after[len(before):])
+    assert [step for _, step in ctx.metrics] == list(range(len(before), more))
+    evaluator = Evaluator(DetectionSplit.load(smoke_run.dirs["data"], "minival").annotation_file)
+    raw = read_raw(smoke_run.dirs["detect"] / "raw_minival_flip.h5")
+    assert after[-1].value == objective(evaluator, raw, after[-1].params)
+    best = json.loads((out / "best.json").read_text())
+    assert best["trials"] == more == result.metrics["trials"]
+    assert best["AP"] == max(t.value for t in after)
+
+
+def test_trial_left_running_by_a_kill_is_failed_on_resume(smoke_run, tmp_path):
+    cfg = smoke_run.cfg
+    out = copy_artifact(smoke_run.dirs["tune"], tmp_path)
+    (out / "manifest.json").unlink()
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "study.journal")))
+    study = optuna.load_study(study_name=tune_stage.STUDY_NAME, storage=storage)
+    # The driver asked for a trial and was killed before telling its value.
+    orphan = study.ask({"nms_iou": optuna.distributions.FloatDistribution(*cfg.tune.nms_iou),
+                        "vote_iou": optuna.distributions.FloatDistribution(*cfg.tune.vote_iou)})
+    assert orphan.number == cfg.tune.trials
+
+    tune_stage.run(_with_trials(cfg, cfg.tune.trials + 1), _tune_inputs(smoke_run), out, FakeContext(tmp_path))
+
+    trials = _journal_trials(out / "study.journal")
+    states = [t.state for t in trials]
+    assert states[orphan.number] == optuna.trial.TrialState.FAIL
+    assert states.count(optuna.trial.TrialState.COMPLETE) == cfg.tune.trials + 1
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert trials[-1].number == orphan.number + 1 and trials[-1].state == optuna.trial.TrialState.COMPLETE
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+def test_metrics_report_each_setting_separately(smoke_run):
+    dirs = smoke_run.dirs
+    metrics = json.loads((dirs["evaluate"] / "metrics.json").read_text())
+    best = json.loads((dirs["tune"] / "best.json").read_text())
+    assert set(metrics) == set(SETTINGS) | {"settings"}
+    settings = metrics["settings"]
+    tuned = dict(nms_iou=best["nms_iou"], score_thresh=best["score_thresh"], max_dets=best["max_dets"])
+    assert settings["final"] == {"candidates": "flip", **tuned, "vote_iou": best["vote_iou"]}
+    assert settings["no_flip"] == {"candidates": "plain", **tuned, "vote_iou": best["vote_iou"]}
+    assert settings["no_voting"] == {"candidates": "flip", **tuned, "vote_iou": None}
+    assert settings["baseline"] == {"candidates": "plain", "nms_iou": smoke_run.cfg.tune.baseline_nms_iou,
+                                    "vote_iou": None}
+
+    split = DetectionSplit.load(dirs["data"], smoke_run.cfg.evaluate.split)
+    raw = {which: read_raw(dirs["detect"] / f"raw_{split.name}_{which}.h5") for which in ("plain", "flip")}
+    detections = {}
+    for name in SETTINGS:
+        entry = metrics[name]
+        assert list(entry["stats"]) == list(STAT_NAMES) and len(STAT_NAMES) == 12
+        assert set(entry["per_category_ap"]) <= {split.categories.name(c) for c in split.categories.ids}
+        params = {k: v for k, v in settings[name].items() if k != "candidates"}
+        detections[name] = to_coco_results(apply_thresholds(raw[settings[name]["candidates"]], **params),
+                                           split.categories)
+        assert entry["stats"] == coco_eval(split.annotation_file, detections[name]).stats
+    # Each switch changes the detections: the settings are measured, not copied.
+    for name in ("no_flip", "no_voting", "baseline"):
+        assert detections[name] != detections["final"]
+
+
+def test_results_json_is_valid_coco_and_scores_as_reported(smoke_run):
+    dirs = smoke_run.dirs
+    split = DetectionSplit.load(dirs["data"], smoke_run.cfg.evaluate.split)
+    path = dirs["evaluate"] / f"results_{split.name}.json"
+    results = json.loads(path.read_text())
+    assert results and set(results[0]) == {"image_id", "category_id", "bbox", "score"}
+    validate_results(results, split.annotation_file, source=str(path))
+    loaded = COCO(str(split.annotation_file)).loadRes(str(path))
+    assert len(loaded.getAnnIds()) == len(results)
+    per_image = {}
+    for r in results:
+        per_image[r["image_id"]] = per_image.get(r["image_id"], 0) + 1
+    assert max(per_image.values()) <= 100
+    metrics = json.loads((dirs["evaluate"] / "metrics.json").read_text())
+    assert coco_eval(split.annotation_file, path).stats == metrics["final"]["stats"]
+    for plot in ("pr_curves.png", "ap_by_size.png", "detections.png"):
+        assert (dirs["evaluate"] / "plots" / plot).stat().st_size > 0
+
+
+def _without_test_annotations(data_dir: Path, target: Path) -> Path:
+    """A copy of the data stage output whose test split is like COCO test-dev: an
+    image-info file without annotations (what the data stage writes for
+    data.coco.test_image_info) and has_annotations false. Images stay where they are."""
+    (target / "annotations").mkdir(parents=True)
+    index = json.loads((data_dir / "index.json").read_text())
+    for name, entry in index["splits"].items():
+        entry["image_dir"] = str((data_dir / entry["image_dir"]).resolve())
+        coco = json.loads((data_dir / entry["annotations"]).read_text())
+        if name == "test":
+            del coco["annotations"]
+            entry["has_annotations"] = False
+        (target / entry["annotations"]).write_text(json.dumps(coco))
+    (target / "index.json").write_text(json.dumps(index))
+    return target
+
+
+def test_split_without_annotations_gets_submission_files(smoke_run, tmp_path):
+    dirs = smoke_run.dirs
+    data = _without_test_annotations(dirs["data"], tmp_path / "data")
+    out = tmp_path / "evaluate"
+    out.mkdir()
+    inputs = {"data": data, "detect": dirs["detect"], "tune": dirs["tune"]}
+    result = evaluate_stage.run(smoke_run.cfg, inputs, out, FakeContext(tmp_path))
+
+    name = f"detections_test-dev2015_{smoke_run.cfg.evaluate.algorithm}_results"
+    expected = json.loads((dirs["evaluate"] / "results_test.json").read_text())
+    with zipfile.ZipFile(out / f"{name}.zip") as archive:
+        assert archive.namelist() == [f"{name}.json"]
+        assert json.loads(archive.read(f"{name}.json")) == expected
+    assert json.loads((out / "results_test.json").read_text()) == expected
+    assert not (out / "metrics.json").exists()
+    assert result.metrics == {"detections": float(len(expected))}
+    assert "has no annotations" in result.summary[0] and f"{name}.zip" in result.summary[0]
+
+
+# ----------------------------------------------------------------------------- missing upstream
+
+
+def _pipeline(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    return subprocess.run([sys.executable, "-m", "pipeline", "run", *args], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_tune_in_a_fresh_workdir_names_what_to_run(tmp_path):
+    workdir = tmp_path / "fresh"
+    config = str(SMOKE_CONFIG.relative_to(PROJECT_ROOT))
+    done = _pipeline("--config", config, "--workdir", str(workdir), "--stages", "tune")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: stage 'tune' needs the output of ")
+    assert "Traceback" not in done.stderr
+    command = f"python -m pipeline run --config {config} --workdir {workdir}"
+    assert f"run {command} --stages data,proposals,train,detect,tune (or --stages all)" in done.stderr
+    assert not workdir.exists()  # nothing ran, no MLflow store was created
+
+
+@pytest.mark.parametrize(("stage", "missing", "present"), [
+    ("tune", "detect", ("data", "proposals", "train")),
+    ("evaluate", "tune", ("data", "proposals", "train", "detect")),
+])
+def test_missing_upstream_output_is_named(smoke_run, tmp_path, stage, missing, present):
+    workdir = tmp_path / "work"
+    for name in present:  # the finished upstream outputs, under their keys
+        path = smoke_run.dirs[name]
+        (workdir / "artifacts" / name).mkdir(parents=True)
+        os.symlink(path, workdir / "artifacts" / name / path.name)
+    config = str(SMOKE_CONFIG.relative_to(PROJECT_ROOT))
+    done = _pipeline("--config", config, "--workdir", str(workdir), "--stages", stage)
+    assert done.returncode == 2, done.stderr
+    key = smoke_run.dirs[missing].name
+    assert done.stderr == (f"error: stage {stage!r} needs the output of {missing!r} (key {key[:12]}) which is "
+                           f"missing: run python -m pipeline run --config {config} --workdir {workdir} "
+                           f"--stages {missing},{stage} (or --stages all)\n")
