@@ -53,7 +53,8 @@ def hflip_masks(masks: np.ndarray) -> np.ndarray:
 
 def normalize_image(image: np.ndarray, *, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
     """uint8 (H, W, 3) RGB -> float Tensor[1, 3, H, W]: (pixel / 255 - mean) / std."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0  # (3, H, W)
+    # np.array copies: cached or decoded images may be read-only, which torch.from_numpy warns about.
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255.0  # (3, H, W)
     mean_t = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
     return ((x - mean_t) / std_t)[None]  # (1, 3, H, W)
