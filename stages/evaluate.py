@@ -103,7 +103,8 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
 
 def _candidate_files(detect_dir: Path, split: str) -> dict[str, Path]:
     files = {which: Path(detect_dir) / f"raw_{split}_{which}.h5" for which in ("plain", "flip")}
-    return {which: path for which, path in files.items() if path.exists()}
+    # The unflipped set is always written: without it, read_raw says which split detect lacks.
+    return {which: path for which, path in files.items() if which == "plain" or path.exists()}
 
 
 def _report(metrics: CocoMetrics, split: DetectionSplit) -> dict:

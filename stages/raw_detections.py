@@ -15,6 +15,7 @@ from typing import Iterable
 import numpy as np
 
 from ion.data.categories import CategoryMap
+from ion.errors import UserError
 from ion.postprocess import Detections
 from proposals.store import ProposalStore, write_store
 
@@ -43,6 +44,10 @@ def write_raw(path: Path, items: Iterable[tuple], *, categories: CategoryMap, at
 
 def read_raw(path: Path) -> dict[int, Detections]:
     """Every image's candidates: image id -> Detections(boxes, scores, labels int64), numpy."""
+    path = Path(path)
+    if not path.is_file():  # the store's own message would suggest rebuilding the proposals
+        raise UserError(f"{path}: no raw detections: the detect stage writes them for each split in "
+                        f"detect.splits (add the split there), or rerun it: {REBUILD}")
     with ProposalStore(path) as store:
         return {image_id: Detections(boxes, scores, labels.astype(np.int64))
                 for image_id, boxes, scores, labels in store.iter_items(with_sources=True)}

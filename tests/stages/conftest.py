@@ -1,8 +1,9 @@
 """The smoke pipeline, run once per test session: every stage of
 configs/smoke.yaml in-process, through the runner, with a real MLflow tracker
-and a local Ray, exactly as `python -m pipeline run --stages all` does it
-(pipeline/cli.py). The stage tests read its artifact directories and never
-write into them: a test that changes files works on a copy.
+and a local Ray, as `python -m pipeline run --stages all` does it
+(pipeline/cli.py), with smaller proposal shards (SMOKE_IMAGES_PER_SHARD). The
+stage tests read its artifact directories and never write into them: a test
+that changes files works on a copy.
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-import pipeline.tracking  # noqa: F401 (before mlflow is imported anywhere: MLflow's quiet defaults)
 import stages.proposals as proposals_stage
 from pipeline.cluster import shutdown_ray
 from pipeline.config import PROJECT_ROOT, Config, load_config

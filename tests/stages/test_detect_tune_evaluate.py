@@ -20,6 +20,7 @@ from pycocotools.coco import COCO
 import stages.evaluate as evaluate_stage
 import stages.tune as tune_stage
 from ion.data.split import DetectionSplit
+from ion.errors import UserError
 from ion.evaluation.coco_eval import coco_eval
 from ion.evaluation.evaluator import Evaluator
 from ion.evaluation.metrics import STAT_NAMES
@@ -248,6 +249,27 @@ def test_split_without_annotations_gets_submission_files(smoke_run, tmp_path):
     assert not (out / "metrics.json").exists()
     assert result.metrics == {"detections": float(len(expected))}
     assert "has no annotations" in result.summary[0] and f"{name}.zip" in result.summary[0]
+
+
+def test_split_the_detect_stage_skipped_is_a_user_error(smoke_run, tmp_path):
+    cfg, dirs = smoke_run.cfg, smoke_run.dirs
+    # A detect output made with detect.splits = [test]: tune finds no minival candidates.
+    detect = tmp_path / "detect"
+    detect.mkdir()
+    for path in dirs["detect"].glob("raw_test_*.h5"):
+        os.symlink(path, detect / path.name)
+    (tmp_path / "tune").mkdir()
+    with pytest.raises(UserError, match=r"raw_minival_plain\.h5: no raw detections: the detect stage writes "
+                                        r"them for each split in detect\.splits \(add the split there\), or "
+                                        r"rerun it: python -m pipeline run --stages detect --force"):
+        tune_stage.run(cfg, {"data": dirs["data"], "detect": detect}, tmp_path / "tune", FakeContext(tmp_path))
+    # evaluate.split names a split detect did not run on.
+    train = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, split="train"))
+    (tmp_path / "evaluate").mkdir()
+    with pytest.raises(UserError, match=r"raw_train_plain\.h5: no raw detections"):
+        evaluate_stage.run(train, {"data": dirs["data"], "detect": dirs["detect"], "tune": dirs["tune"]},
+                           tmp_path / "evaluate", FakeContext(tmp_path))
+    assert not (tmp_path / "tune" / "study.journal").exists()
 
 
 # ----------------------------------------------------------------------------- missing upstream
