@@ -29,9 +29,11 @@ def load_coco_dataset(gt: GroundTruth) -> dict[str, Any]:
         raise UserError(f"{path}: ground-truth annotation file not found (rerun the data stage)") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e}); rerun the data stage to rewrite it") from None
-    for key in ("images", "annotations", "categories"):
+    for key in ("images", "categories"):
         if key not in dataset:
             raise UserError(f"{path}: no '{key}' list: not a COCO annotation file (rerun the data stage)")
+    # An image-info file (test-dev) has no annotations: ids are still checked against it.
+    dataset.setdefault("annotations", [])
     return dataset
 
 
