@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping

@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 from ion.box_ops import box_iou, box_xywh_to_xyxy
 from ion.errors import UserError
+from ion.figures import save_png
 from proposals.store import ProposalStore
 
 IOU_THRESHOLDS = np.round(np.linspace(0.5, 0.95, 10), 2)  # 0.5, 0.55, ..., 0.95 exactly as written
@@ -200,11 +201,7 @@ def plot_recall(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], pat
     axes.set_title(title)
     if curves:
         axes.legend(loc="upper left")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    figure.savefig(tmp, format="png", dpi=100)
-    tmp.replace(path)
-    return path
+    return save_png(figure, path)
 
 
 def store_recall(store: ProposalStore, ground_truth: Mapping[int, GroundTruth],

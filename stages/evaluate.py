@@ -26,6 +26,7 @@ from matplotlib.patches import Rectangle
 
 from ion.data.split import DetectionSplit
 from ion.evaluation.coco_eval import coco_eval
+from ion.figures import save_png
 from ion.evaluation.metrics import IOU_THRESHOLDS, MAX_DETS, CocoMetrics
 from ion.evaluation.results import to_coco_results, validate_results, write_results, write_submission_zip
 from ion.tuning import apply_thresholds
@@ -188,6 +189,4 @@ def _draw_detections(split: DetectionSplit, detections: dict, count: int, path: 
 
 def _save(figure: Figure, path: Path) -> None:
     figure.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    figure.savefig(tmp, format="png", dpi=90)
-    os.replace(tmp, path)
+    save_png(figure, path, dpi=90)

@@ -31,6 +31,7 @@ from ion.build import build_detector
 from ion.config import ModelConfig
 from ion.data.split import DetectionSplit
 from ion.errors import UserError
+from ion.figures import save_png
 from ion.train_data import TrainingSamples
 from ion.train_loop import CheckpointFiles, TrainResult, load_checkpoint, train, write_checkpoint
 from pipeline.context import StageContext, StageResult
@@ -219,11 +220,7 @@ def plot_loss_curves(history: list[dict[str, float]], phases, directory: Path) -
         ax.set_title(f"phase {i} '{phase.name}': frozen {list(phase.frozen) or 'nothing'}, "
                      f"momentum {phase.momentum}", fontsize=9)
         fig.tight_layout()
-        path = directory / f"loss_phase{i}_{phase.name}.png"
-        tmp = path.with_name(path.name + ".tmp")
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-        written.append(path)
+        written.append(save_png(fig, directory / f"loss_phase{i}_{phase.name}.png"))
     return written
 
 

@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from ion.data.split import DetectionSplit
 from ion.errors import UserError
 from ion.evaluation.evaluator import Evaluator
+from ion.figures import save_png
 from ion.tuning import Thresholds, objective
 from pipeline.context import StageContext, StageResult
 from stages.raw_detections import read_raw
@@ -110,11 +111,11 @@ def _sampler(tcfg, seed: int, done: int) -> optuna.samplers.BaseSampler:
 def _open_study(path: Path, tcfg, *, seed: int) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    existing = optuna.load_study(study_name=STUDY_NAME, storage=storage) \
-        if STUDY_NAME in {s.study_name for s in optuna.get_all_study_summaries(storage)} else None
-    done = len(_complete(existing)) if existing is not None else 0
-    return optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
-                               sampler=_sampler(tcfg, seed, done), load_if_exists=True)
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
+                                load_if_exists=True)
+    # The sampler is chosen once the trials already done are known (see _sampler).
+    study.sampler = _sampler(tcfg, seed, len(_complete(study)))
+    return study
 
 
 def _distributions(tcfg) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -180,7 +181,7 @@ def _plot_history(trials: list, baseline: float, path: Path) -> None:
     axes.set_ylabel("minival AP@[.5:.95]")
     axes.legend(loc="lower right")
     axes.set_title("Threshold tuning history")
-    _save(figure, path)
+    save_png(figure, path)
 
 
 def _plot_contour(trials: list, path: Path) -> None:
@@ -200,10 +201,4 @@ def _plot_contour(trials: list, path: Path) -> None:
     axes.set_ylabel("weighted-voting IoU threshold")
     axes.legend(loc="lower left")
     axes.set_title("minival AP over the two thresholds")
-    _save(figure, path)
-
-
-def _save(figure: Figure, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    figure.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
+    save_png(figure, path)

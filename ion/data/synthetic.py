@@ -18,8 +18,8 @@ and nothing near a crate depends on it: the scene type is drawn from its own
 random stream and only `draw_sky` and `draw_landmark` receive it, to draw sky
 rows; `draw_context_object` gets a box. A detector whose features around a
 crate stop short of the sky (a receptive field below `cue_gap`) sees three
-classes that look alike and can only guess; one that reads the whole image (the IRNN of Sec. 3.1) can read the
-sky. The easy version, where the class follows the colour right around the
+classes that look alike and can only guess; one that reads the whole image
+(the IRNN of Sec. 3.2) can read the sky. The easy version, where the class follows the colour right around the
 object, is solved by a plain Fast R-CNN head (measured on a prototype), so the
 ground around the crates is made the same for every class. Nothing global
 depends on the scene type either (no darker night scene), since a global
