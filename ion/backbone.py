@@ -6,8 +6,9 @@
 conv of each block ("conv3" = conv3_3). Optional conv6/conv7 are two 3x3 convs
 with ReLU on conv5_3 (Appendix item 3, Table 10 row c).
 
-A width multiplier scales every channel count, so the same code builds the
-small CPU model (width 0.25: 16-32-64-128-128 channels).
+A width multiplier scales every channel count and `block_convs` sets the
+convs per block, so the same code builds the small CPU model (width 0.25,
+one conv per block: 16-32-64-128-128 channels, a fifth of VGG16's depth).
 """
 from pathlib import Path
 
@@ -20,6 +21,16 @@ from ion.errors import UserError
 # The trailing pool5 is dropped (Sec. 3: ROIs are pooled from conv5_3 itself).
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 BLOCK_CONVS = (2, 2, 3, 3, 3)  # convs per block conv1..conv5
+BLOCK_CHANNELS = (64, 128, 256, 512, 512)
+
+
+def vgg_layout(block_convs: tuple[int, ...]) -> tuple:
+    """VGG16_LAYOUT with `block_convs[b]` convs in block b (VGG16: BLOCK_CONVS)."""
+    assert len(block_convs) == len(BLOCK_CHANNELS) and min(block_convs) >= 1, block_convs
+    layout: list = []
+    for b, (n, ch) in enumerate(zip(block_convs, BLOCK_CHANNELS)):
+        layout += ["M"] * (b > 0) + [ch] * n
+    return tuple(layout)
 GROUPS = ("conv1", "conv2", "conv3", "conv4", "conv5", "conv6", "conv7")
 
 
@@ -36,10 +47,12 @@ class VGG16Backbone(nn.Module):
     BatchNorm layers of frozen groups stay in eval mode (running statistics fixed).
     """
 
-    def __init__(self, *, width: float = 1.0, conv67: bool = False, batchnorm: bool = False):
+    def __init__(self, *, width: float = 1.0, conv67: bool = False, batchnorm: bool = False,
+                 block_convs: tuple[int, ...] = BLOCK_CONVS):
         super().__init__()
         assert width > 0
         self.width = width
+        self.block_convs = tuple(block_convs)
         self.batchnorm = batchnorm
         self.conv67 = conv67
         layers: list[nn.Module] = []
@@ -48,7 +61,7 @@ class VGG16Backbone(nn.Module):
         self.channels: dict[str, int] = {}
         self.strides: dict[str, int] = {}
         in_ch, block, conv_in_block, stride = 3, 1, 0, 1
-        for item in VGG16_LAYOUT:
+        for item in vgg_layout(self.block_convs):
             if item == "M":
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
                 self._group_of_layer.append(f"conv{block}")
@@ -64,7 +77,7 @@ class VGG16Backbone(nn.Module):
             group.append(f"conv{block}")
             self._group_of_layer.extend(group)
             conv_in_block += 1
-            if conv_in_block == BLOCK_CONVS[block - 1]:
+            if conv_in_block == self.block_convs[block - 1]:
                 name = f"conv{block}"
                 self._taps[len(layers) - 1] = name
                 self.channels[name] = out_ch
@@ -184,10 +197,11 @@ def load_vgg16_imagenet(backbone: VGG16Backbone, path: Path) -> None:
 
     conv6/conv7 are not in VGG16 and keep their initialisation.
     """
-    if backbone.width != 1.0 or backbone.batchnorm:
-        raise UserError(f"{path}: model.imagenet_weights: VGG16 weights need model.width 1.0 and "
-                        f"model.batchnorm false (got width {backbone.width}, batchnorm "
-                        f"{backbone.batchnorm}); fix those or drop imagenet_weights")
+    if backbone.width != 1.0 or backbone.batchnorm or backbone.block_convs != BLOCK_CONVS:
+        raise UserError(f"{path}: model.imagenet_weights: VGG16 weights need model.width 1.0, "
+                        f"model.batchnorm false and model.block_convs {list(BLOCK_CONVS)} (got width "
+                        f"{backbone.width}, batchnorm {backbone.batchnorm}, block_convs "
+                        f"{list(backbone.block_convs)}); fix those or drop imagenet_weights")
     state = read_vgg16_state_dict(path)
     keys = {name: name for name, _ in backbone.features.named_parameters(prefix="features")}
     copy_checked(target=backbone, prefix="backbone.", state=state, keys=keys, path=Path(path))

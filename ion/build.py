@@ -18,7 +18,8 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> IONDetector:
     """The ION detector `cfg` describes for K = num_classes foreground classes,
     with ImageNet weights loaded when `cfg.imagenet_weights` is set."""
     assert num_classes >= 1
-    backbone = VGG16Backbone(width=cfg.width, conv67=cfg.conv67, batchnorm=cfg.batchnorm)
+    backbone = VGG16Backbone(width=cfg.width, conv67=cfg.conv67, batchnorm=cfg.batchnorm,
+                             block_convs=tuple(cfg.block_convs))
     c5 = backbone.channels["conv5"]
     context = build_context(cfg.context, in_channels=c5)
 
@@ -37,7 +38,7 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> IONDetector:
     reduce_channels = c5 if cfg.reduce_channels is None else cfg.reduce_channels
     skip_pool = SkipPool(in_channels=tuple(in_channels), strides=tuple(strides), out_channels=reduce_channels,
                          pool_size=cfg.pool_size, roi_op=cfg.roi_op, norm=cfg.norm, scale_mode=cfg.scale_mode,
-                         scale_init=cfg.scale_init, dropout=cfg.dropout)
+                         scale_init=cfg.scale_init, dropout=cfg.dropout, fuse=cfg.fuse)
     fc_dim = scaled_channels(VGG16_FC_DIM, cfg.width) if cfg.fc_dim is None else cfg.fc_dim
     heads = DetectionHeads(in_channels=reduce_channels, pool_size=cfg.pool_size, fc_dim=fc_dim,
                            num_classes=num_classes, dropout=cfg.dropout)

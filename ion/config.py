@@ -63,6 +63,9 @@ class ModelConfig:
     width: float = field(default=1.0, metadata={
         "help": "VGG16 channel multiplier: 1.0 is VGG16, 0.25 the small CPU model (16..128 channels)",
         "min": 0.03, "max": 1.0})
+    block_convs: tuple[int, ...] = field(default=(2, 2, 3, 3, 3), metadata={
+        "help": "3x3 convs in each of the five blocks conv1..conv5 (VGG16: 2 2 3 3 3; the small CPU model: "
+                "1 1 1 1 1)", "min": 1})
     batchnorm: bool = field(default=False, metadata={
         "help": "BatchNorm after every backbone conv (not VGG16: for small models trained from scratch)"})
     conv67: bool = field(default=False, metadata={
@@ -76,6 +79,10 @@ class ModelConfig:
         "help": "layers ROIs are pooled from: conv2, conv3, conv4, conv5, conv7, context (Table 4)"})
     roi_op: Literal["roi_pool", "roi_align"] = field(default="roi_pool", metadata={
         "help": "ROI pooling op: max pooling (the paper) or bilinear roi_align (2x2 samples per bin)"})
+    fuse: bool = field(default=False, metadata={
+        "help": "skip pooling in the other order: normalise, resample, concat, scale and 1x1-reduce the maps "
+                "once per image, then pool every ROI once (linear ops, so nearly the same function; needs "
+                "norm channel or none)"})
     pool_size: int = field(default=7, metadata={
         "help": "side of each pooled ROI (VGG16's fc6 needs 7)", "min": 1, "max": 32})
     norm: Literal["none", "blob", "channel"] = field(default="blob", metadata={
@@ -128,12 +135,18 @@ class ModelConfig:
         if has_context and "context" not in self.pool_from and self.seg_loss_weight == 0:
             raise ValueError(f"context.kind is {self.context.kind} but nothing reads it: add context to "
                              "pool_from, set seg_loss_weight > 0, or set context.kind none")
+        if len(self.block_convs) != 5:
+            raise ValueError(f"block_convs: expected 5 counts (conv1..conv5), got {list(self.block_convs)}")
+        if self.fuse and self.norm == "blob":
+            raise ValueError("fuse: true normalises each location of each map; set norm channel or none "
+                             "(norm blob needs the pooled ROI)")
         if len(self.bbox_weights) != 4 or min(self.bbox_weights) <= 0:
             raise ValueError(f"bbox_weights: expected 4 values > 0, got {list(self.bbox_weights)}")
         if self.imagenet_weights is not None:
-            if self.width != 1.0 or self.batchnorm:
-                raise ValueError(f"imagenet_weights needs width 1.0 and batchnorm false (got width "
-                                 f"{self.width}, batchnorm {self.batchnorm})")
+            if self.width != 1.0 or self.batchnorm or tuple(self.block_convs) != (2, 2, 3, 3, 3):
+                raise ValueError(f"imagenet_weights needs width 1.0, batchnorm false and block_convs "
+                                 f"[2, 2, 3, 3, 3] (got width {self.width}, batchnorm {self.batchnorm}, "
+                                 f"block_convs {list(self.block_convs)})")
             if self.pool_size != 7 or self.reduce_channels not in (None, 512) or self.fc_dim not in (None, 4096):
                 raise ValueError("imagenet_weights also loads fc6/fc7, which need pool_size 7, "
                                  "reduce_channels 512 and fc_dim 4096 (drop those keys)")

@@ -22,8 +22,9 @@ from ion.skip_pool import SkipPool
 
 
 class FeatureMaps(NamedTuple):
-    """pooled: the maps skip pooling reads, in the model's `pool_from` order,
-    each Tensor[1, C_i, H_i, W_i]; context: the context module's outputs (the
+    """pooled: the maps skip pooling reads (`SkipPool.prepare` of the
+    `pool_from` layers in order, each Tensor[1, C_i, H_i, W_i], or the one
+    fused map); context: the context module's outputs (the
     last is the top map the segmentation head reads; empty without context)."""
 
     pooled: list[Tensor]
@@ -75,7 +76,7 @@ class IONDetector(nn.Module):
         pooled: list[Tensor] = []
         for name in self.pool_from:
             pooled.extend(context if name == "context" else [feats[name]])
-        return FeatureMaps(pooled=pooled, context=context)
+        return FeatureMaps(pooled=self.skip_pool.prepare(pooled), context=context)
 
     def score_rois(self, maps: FeatureMaps, rois: Tensor) -> tuple[Tensor, Tensor]:
         """Class logits Tensor[R, K+1] and box deltas Tensor[R, K, 4] for Tensor[R, 4]."""

@@ -5,6 +5,16 @@ Each map is ROI-pooled to SxS at its own stride, L2-normalised per ROI (over
 the whole pooled blob, or per location across channels), the pooled blobs are
 concatenated along channels, re-scaled (learned per channel or fixed), and a
 1x1 convolution reduces them to the shape fc6 expects (512x7x7 for VGG16).
+
+`fuse: true` computes the same thing in the other order, once per image:
+each map is L2-normalised per location ("channel" or "none" only: a blob norm
+needs the ROI), resampled bilinearly to the finest map's grid, concatenated,
+re-scaled and reduced by the 1x1 conv into one map, and every ROI is pooled
+once from it. ROI pooling by roi_align and the 1x1 conv are both linear, so
+the two orders differ only by where the bilinear resampling happens; the
+fused order pools one map instead of one per layer, and its 1x1 conv runs
+over the image (H*W locations) instead of over R*S*S pooled cells, which is
+fewer whenever R * S * S > H * W (64 ROIs at 7x7 against a 32x32 map).
 """
 import math
 from typing import Literal
@@ -13,6 +23,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+
+from ion.roi_align import roi_align_sparse
 
 RoiOp = Literal["roi_pool", "roi_align"]
 Norm = Literal["none", "blob", "channel"]
@@ -41,6 +53,10 @@ def roi_pool_map(feat: Tensor, boxes: Tensor, *, op: RoiOp, output_size: int, st
     if op == "roi_pool":
         return torchvision.ops.roi_pool(feat, [boxes], output_size=output_size, spatial_scale=scale)
     assert op == "roi_align", op
+    if feat.device.type == "cpu" and feat.requires_grad and torch.is_grad_enabled():
+        # Training on the CPU: the same op with a 4-5x faster backward (ion/roi_align.py).
+        return roi_align_sparse(feat, boxes, output_size=output_size, spatial_scale=scale,
+                                sampling_ratio=ROI_ALIGN_SAMPLING)
     # aligned=True: in continuous coordinates cell i of a stride-s map is
     # centred at image coordinate (i + 0.5) * s.
     return torchvision.ops.roi_align(feat, [boxes], output_size=output_size, spatial_scale=scale,
@@ -63,16 +79,23 @@ def l2_normalize_rois(x: Tensor, *, norm: Norm) -> Tensor:
 class SkipPool(nn.Module):
     """Sec. 3.1: pool, L2-normalise, concat, re-scale, dropout, 1x1 conv.
 
-    forward(maps list of Tensor[1, C_i, H_i, W_i], rois Tensor[R, 4] in image
-    coordinates) -> Tensor[R, out_channels, S, S]
+    prepare(maps list of Tensor[1, C_i, H_i, W_i]) -> list of maps, once per
+    image (the fused map, Tensor[1, out_channels, H_f, W_f], with fuse; the
+    maps unchanged without);
+    forward(prepared maps, rois Tensor[R, 4] in image coordinates)
+    -> Tensor[R, out_channels, S, S]
     """
 
     def __init__(self, *, in_channels: tuple[int, ...], strides: tuple[int, ...], out_channels: int,
                  pool_size: int = 7, roi_op: RoiOp = "roi_pool", norm: Norm = "blob",
                  scale_mode: ScaleMode = "learned", scale_init: float | None = None,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, fuse: bool = False):
         super().__init__()
         assert len(in_channels) == len(strides) > 0
+        if fuse and norm == "blob":
+            raise ValueError("fused skip pooling normalises each location (norm channel or none); "
+                             "norm blob needs the pooled ROI")
+        self.fuse = fuse
         self.strides = tuple(strides)
         self.pool_size = pool_size
         self.roi_op = roi_op
@@ -104,8 +127,42 @@ class SkipPool(nn.Module):
             for m, s in zip(maps, self.strides)
         ]
 
+    def prepare(self, maps: list[Tensor]) -> list[Tensor]:
+        """What `forward` pools from: the maps themselves, or with fuse the one
+        fused map [Tensor[1, out_channels, H_f, W_f]] at the finest stride."""
+        if not self.fuse:
+            return maps
+        assert len(maps) == len(self.strides)
+        finest = min(range(len(maps)), key=lambda i: self.strides[i])
+        size = maps[finest].shape[-2:]
+        grid = [resample_to(l2_normalize_rois(m, norm=self.norm), factor=s // self.strides[finest], size=size)
+                for m, s in zip(maps, self.strides)]
+        return [self._reduce(torch.cat(grid, dim=1))]  # (1, out_channels, H_f, W_f)
+
     def forward(self, maps: list[Tensor], rois: Tensor) -> Tensor:
-        x = torch.cat(self.pool(maps, rois), dim=1)  # (R, sum C_i, S, S)
+        if self.fuse:
+            (fused,) = maps
+            return roi_pool_map(fused, rois, op=self.roi_op, output_size=self.pool_size,
+                                stride=min(self.strides))  # (R, out_channels, S, S)
+        return self._reduce(torch.cat(self.pool(maps, rois), dim=1))  # (R, out_channels, S, S)
+
+    def _reduce(self, x: Tensor) -> Tensor:
+        """Re-scale, dropout and the 1x1 conv: Tensor[N, sum C_i, h, w] -> Tensor[N, out_channels, h, w]."""
         if self.scale is not None:
             x = x * (self.scale.view(1, -1, 1, 1) if self.scale.ndim else self.scale)
-        return self.reduce(self.dropout(x))  # (R, out_channels, S, S)
+        return self.reduce(self.dropout(x))
+
+
+def resample_to(x: Tensor, *, factor: int, size: torch.Size) -> Tensor:
+    """Bilinear upsampling of a stride-(f*s) map Tensor[N, C, h, w] to the
+    stride-s grid of `size` (H, W): cell centres stay at (i + 0.5) * stride,
+    as in roi_align(aligned=True). VGG's floor-division pooling can leave the
+    fine map one cell longer than factor * h: that edge cell repeats its neighbour."""
+    if factor == 1:
+        return x
+    up = F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False)
+    pad_h, pad_w = size[0] - up.shape[-2], size[1] - up.shape[-1]
+    assert 0 <= pad_h < factor and 0 <= pad_w < factor, (tuple(x.shape), tuple(size), factor)
+    if pad_h or pad_w:
+        up = F.pad(up, (0, pad_w, 0, pad_h), mode="replicate")
+    return up

@@ -1,4 +1,4 @@
-"""The command line: `python -m pipeline run | status | config-docs`.
+"""The command line: `python -m pipeline run | status | ablations | config-docs`.
 
 A `UserError` prints `error: <message>` on stderr and exits with status 2, no
 traceback; Ctrl-C exits with 130. Anything else is a bug and keeps its traceback.
@@ -43,6 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="what is cached, stale or missing for a config")
     status.add_argument("--verify", action="store_true", help="also re-checksum every cached output")
     config_flags(status)
+    ablations = commands.add_parser("ablations", help="run every ablation config, then tabulate their test AP "
+                                                      "(pipeline/ablations.py)")
+    ablations.add_argument("--configs", nargs="+", type=Path, default=None, metavar="YAML",
+                           help="ablation configs (default: configs/ablations/*.yaml of the project, sorted)")
+    ablations.add_argument("--reference", default=None, metavar="VARIANT",
+                           help="the variant the others are compared with (default: irnn-identity if "
+                                "present, else the first)")
+    ablations.add_argument("--stages", default="all", help="all, or a comma list (default: all)")
+    ablations.add_argument("-o", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="override one config value in every variant (repeatable)")
+    ablations.add_argument("--workdir", type=Path, default=None,
+                           help="directory for artifacts, mlflow.db and the table (overrides runtime.workdir)")
     commands.add_parser("config-docs", help="print the config reference (Markdown)")
     return parser
 
@@ -92,6 +104,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ablations(args: argparse.Namespace) -> int:
+    from pipeline.ablations import run_ablations
+
+    run_ablations(configs=args.configs, overrides=args.overrides, workdir=args.workdir, stages_spec=args.stages,
+                  reference=args.reference, argv=args.argv)
+    return 0
+
+
 def _cmd_config_docs(args: argparse.Namespace) -> int:
     print(config_reference())
     return 0
@@ -102,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
-    handlers = {"run": _cmd_run, "status": _cmd_status, "config-docs": _cmd_config_docs}
+    handlers = {"run": _cmd_run, "status": _cmd_status, "ablations": _cmd_ablations,
+                "config-docs": _cmd_config_docs}
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR

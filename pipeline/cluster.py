@@ -1,7 +1,8 @@
 """Ray adapter: the only module that imports ray.
 
 `init_ray` starts a quiet local Ray instance, or joins a cluster when
-`runtime.ray_address` or RAY_ADDRESS names one. Workers get the tracking URI,
+`runtime.ray_address` or RAY_ADDRESS names one (and prints which one, with its
+nodes, CPUs and GPUs). Workers get the tracking URI,
 the workdir and the project on PYTHONPATH through the runtime env, so they can
 import stages/, ion/ and proposals/ (on a cluster the project must be at the
 same path on every node, or installed there).
@@ -30,6 +31,7 @@ WORKDIR_ENV = "ION_WORKDIR"
 # (the token lands in ~/.ray/auth_token), so the start-up notice is dropped;
 # RAY_AUTH_MODE set by the user is respected by Ray as before.
 _TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
+_AUTH_MODE_ENV = "RAY_AUTH_MODE"
 _WAIT_BATCH = 64
 _ITEM_REPR = 200
 
@@ -59,7 +61,8 @@ def init_ray(runtime: RuntimeConfig, *, tracking_uri: str | None = None) -> bool
     """Start or join Ray unless this process already did; True when this call did it.
 
     Workers get `tracking_uri` (default: the one for `runtime.workdir`), the workdir
-    and the project on PYTHONPATH.
+    and the project on PYTHONPATH. Joining a cluster prints `ray: joined the cluster
+    at ...`; an address that cannot be joined is a UserError naming its source.
     """
     if ray.is_initialized():
         return False
@@ -71,9 +74,44 @@ def init_ray(runtime: RuntimeConfig, *, tracking_uri: str | None = None) -> bool
     if address is None:
         ray.init(num_cpus=runtime.num_workers, include_dashboard=False, **common)
         return True
-    check_reachable(address, source="runtime.ray_address" if runtime.ray_address else "RAY_ADDRESS")
-    ray.init(address=address, **common)
+    source = "runtime.ray_address" if runtime.ray_address else "RAY_ADDRESS"
+    check_reachable(address, source=source)
+    try:
+        ray.init(address=address, **common)
+    except ConnectionError as err:
+        raise _join_error(address, source, err) from None
+    # Say which cluster the run went to: a wrong RAY_ADDRESS left in the shell
+    # would otherwise run everything somewhere unexpected without a word.
+    print(f"ray: joined the cluster at {address} ({source}): {cluster_summary()}", flush=True)
     return True
+
+
+def cluster_summary() -> str:
+    """`N node(s), C CPUs, G GPUs` of the cluster Ray is connected to."""
+    resources = ray.cluster_resources()
+    nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    return (f"{nodes} node{'s' if nodes != 1 else ''}, {resources.get('CPU', 0.0):g} CPUs, "
+            f"{resources.get('GPU', 0.0):g} GPUs")
+
+
+def _join_error(address: str, source: str, err: ConnectionError) -> UserError:
+    """A UserError for a ray.init that reached the address but could not join.
+
+    Ray gives up after ~20 s of retries with a bare "Failed to connect"; the usual
+    cause on Ray >= 2.5x is token authentication: `ray start` turns it on when
+    ~/.ray/auth_token exists, and a driver sends its token to an explicit address
+    only with RAY_AUTH_MODE=token.
+    """
+    chain = f"{err} {err.__cause__ or ''}"
+    if "InvalidAuthToken" in chain or "AuthenticationError" in chain:
+        if os.environ.get(_AUTH_MODE_ENV, "").lower() == "token":
+            return UserError(f"{source}={address}: the Ray cluster rejected this machine's authentication token; "
+                             f"use the cluster's token (in ~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)")
+        return UserError(f"{source}={address}: the Ray cluster uses token authentication; set "
+                         f"{_AUTH_MODE_ENV}=token (with the cluster's token in ~/.ray/auth_token, RAY_AUTH_TOKEN "
+                         f"or RAY_AUTH_TOKEN_PATH) or start the cluster with {_AUTH_MODE_ENV}=disabled")
+    return UserError(f"{source}={address}: something listens there but Ray cannot join it as a cluster ({err}); "
+                     f"give the address `ray start --head` printed (<head-ip>:<port>) or ray://<head-ip>:10001")
 
 
 def check_reachable(address: str, *, source: str, timeout_s: float = 5.0) -> None:

@@ -44,6 +44,29 @@ def test_layout_matches_torchvision_vgg16_without_pool5():
                 == {k: v.shape for k, v in theirs.state_dict().items()})
 
 
+def test_one_conv_per_block_keeps_strides_and_shapes():
+    net = VGG16Backbone(width=0.25, block_convs=(1, 1, 1, 1, 1))
+    convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [16, 32, 64, 128, 128]
+    assert [c.in_channels for c in convs] == [3, 16, 32, 64, 128]
+    feats = net(torch.randn(2, 3, 64, 96))
+    expected = {"conv1": (16, 1), "conv2": (32, 2), "conv3": (64, 4), "conv4": (128, 8), "conv5": (128, 16)}
+    assert set(feats) == set(expected)
+    for name, (channels, stride) in expected.items():
+        assert net.channels[name] == channels and net.strides[name] == stride
+        assert feats[name].shape == (2, channels, 64 // stride, 96 // stride)
+        assert (feats[name] >= 0).all()  # taps are ReLU outputs
+    assert VGG16Backbone(width=0.25).block_convs == (2, 2, 3, 3, 3)
+
+
+def test_block_convs_of_vgg11_match_torchvision_vgg11():
+    with torch.device("meta"):
+        ours = VGG16Backbone(width=1.0, block_convs=(1, 1, 2, 2, 2))
+        theirs = torchvision.models.vgg11().features[:20]  # without pool5
+    assert ({k: v.shape for k, v in ours.features.state_dict().items()}
+            == {k: v.shape for k, v in theirs.state_dict().items()})
+
+
 def test_loading_copies_every_conv_and_reproduces_torchvision(vgg16_file):
     path, state = vgg16_file
     net = VGG16Backbone(width=1.0, conv67=True)
@@ -86,6 +109,8 @@ def test_loading_errors_name_file_and_key(vgg16_file, tmp_path):
         load_vgg16_imagenet(VGG16Backbone(width=1.0), bad_shape)
     with pytest.raises(UserError, match=r"width 1\.0"):
         load_vgg16_imagenet(VGG16Backbone(width=0.25), path)
+    with pytest.raises(UserError, match=r"block_convs \[2, 2, 3, 3, 3\].*block_convs \[1, 1, 1, 1, 1\]"):
+        load_vgg16_imagenet(VGG16Backbone(width=1.0, block_convs=(1, 1, 1, 1, 1)), path)
     with pytest.raises(UserError, match=r"nope\.pth.*no such file"):
         load_vgg16_imagenet(VGG16Backbone(width=1.0), tmp_path / "nope.pth")
     garbage = tmp_path / "garbage.pth"

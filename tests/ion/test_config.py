@@ -21,6 +21,9 @@ def test_defaults_are_the_papers_model():
     (dict(bbox_weights=(10.0, 10.0, 5.0)), "bbox_weights"),
     (dict(imagenet_weights="vgg16.pth", width=0.25), "width 1.0"),
     (dict(imagenet_weights="vgg16.pth", fc_dim=1024), "fc_dim 4096"),
+    (dict(block_convs=(1, 1, 1, 1)), "block_convs"),
+    (dict(fuse=True, norm="blob"), "norm"),
+    (dict(imagenet_weights="vgg16.pth", block_convs=(1, 1, 1, 1, 1)), "block_convs"),
 ])
 def test_cross_field_rules(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -39,3 +42,9 @@ def test_section_rules():
 def test_seg_only_context_is_allowed():
     cfg = ModelConfig(pool_from=("conv3", "conv4", "conv5"), seg_loss_weight=1.0)
     assert cfg.context.kind == "irnn"
+
+
+def test_fuse_and_block_convs_are_accepted_with_valid_settings():
+    cfg = ModelConfig(fuse=True, norm="channel", block_convs=(1, 1, 1, 1, 1))
+    assert cfg.fuse and cfg.block_convs == (1, 1, 1, 1, 1)
+    assert ModelConfig().block_convs == (2, 2, 3, 3, 3) and not ModelConfig().fuse

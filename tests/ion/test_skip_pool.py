@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from ion.skip_pool import SkipPool
+from ion.skip_pool import SkipPool, resample_to
 
 STRIDES = (4, 8, 16)
 CHANNELS = (3, 5, 4)
@@ -84,3 +84,69 @@ def test_empty_rois_and_all_zero_rois_are_finite():
     out = pool(zero_maps, rois)
     assert torch.isfinite(out).all()
     assert torch.allclose(out, pool.reduce.bias.view(1, -1, 1, 1).expand_as(out))
+
+
+def test_fused_equals_per_layer_when_all_maps_share_a_stride():
+    # roi_align and the 1x1 conv are linear and roi_align's bilinear weights sum
+    # to 1 inside the map, so with no norm and no resampling the order does not matter.
+    g = torch.Generator().manual_seed(1)
+    channels, strides = (3, 5, 4), (8, 8, 8)
+    maps = [torch.rand(1, c, 12, 16, generator=g, dtype=torch.float64) for c in channels]
+    xy = torch.tensor([[10.0, 12.0], [30.0, 20.0], [50.0, 8.0]], dtype=torch.float64)
+    rois = torch.cat([xy, xy + torch.tensor([[40.0, 50.0], [25.0, 30.0], [60.0, 70.0]], dtype=torch.float64)], dim=1)
+    kwargs = dict(in_channels=channels, strides=strides, out_channels=6, roi_op="roi_align", norm="none")
+    plain = SkipPool(**kwargs).double()
+    torch.nn.init.normal_(plain.reduce.bias)  # a non-zero bias must pool to itself
+    fused = SkipPool(**kwargs, fuse=True).double()
+    fused.load_state_dict(plain.state_dict())
+    out = fused(fused.prepare(maps), rois)
+    assert out.shape == (3, 6, 7, 7)
+    assert torch.allclose(out, plain(plain.prepare(maps), rois), rtol=0, atol=1e-6)
+
+
+def test_resample_to_keeps_cell_centres_and_replicates_the_odd_edge():
+    h, w = 3, 4
+    cols = (torch.arange(w, dtype=torch.float64) + 0.5) * 16  # image x of each stride-16 cell centre
+    rows = (torch.arange(h, dtype=torch.float64) + 0.5) * 16
+    coarse = torch.stack([cols.expand(h, w), rows[:, None].expand(h, w)])[None]  # (1, 2, h, w)
+    up = resample_to(coarse, factor=2, size=torch.Size((2 * h + 1, 2 * w + 1)))
+    assert up.shape == (1, 2, 2 * h + 1, 2 * w + 1)
+    x, y = up[0, 0], up[0, 1]
+    fine_cols = (torch.arange(2 * w, dtype=torch.float64) + 0.5) * 8
+    fine_rows = (torch.arange(2 * h, dtype=torch.float64) + 0.5) * 8
+    # Interior cells (both neighbours on the map) sit at (j + 0.5) * 8.
+    assert torch.allclose(x[:, 1:2 * w - 1], fine_cols[1:2 * w - 1].expand(2 * h + 1, -1), rtol=0, atol=1e-9)
+    assert torch.allclose(y[1:2 * h - 1], fine_rows[1:2 * h - 1, None].expand(-1, 2 * w + 1), rtol=0, atol=1e-9)
+    # Edges clamp to the outermost coarse centres; the extra last row/column repeats its neighbour.
+    assert torch.all(x[:, 0] == 8.0) and torch.all(x[:, 2 * w - 1:] == (w - 0.5) * 16)
+    assert torch.all(y[0] == 8.0) and torch.all(y[2 * h - 1:] == (h - 0.5) * 16)
+    assert resample_to(coarse, factor=1, size=coarse.shape[-2:]) is coarse
+
+
+def test_fuse_rejects_blob_norm_and_prepare_shapes():
+    with pytest.raises(ValueError, match="blob"):
+        SkipPool(in_channels=CHANNELS, strides=STRIDES, out_channels=6, norm="blob", fuse=True)
+    maps, rois = make_inputs(torch.float32)
+    plain = SkipPool(in_channels=CHANNELS, strides=STRIDES, out_channels=6, norm="channel")
+    prepared = plain.prepare(maps)
+    assert len(prepared) == 3 and all(p is m for p, m in zip(prepared, maps))
+    fused = SkipPool(in_channels=CHANNELS, strides=STRIDES, out_channels=6, norm="channel", roi_op="roi_align",
+                     fuse=True)
+    (one,) = fused.prepare(maps)
+    assert one.shape == (1, 6, 24, 32)
+    assert fused([one], rois).shape == (9, 6, 7, 7)
+    # A 100x136 image: the stride-4 map (25x34) is one cell longer than 2x / 4x the coarser maps.
+    g = torch.Generator().manual_seed(2)
+    odd = [torch.rand(1, c, *size, generator=g) for c, size in zip(CHANNELS, [(25, 34), (12, 17), (6, 8)])]
+    (one,) = fused.prepare(odd)
+    assert one.shape == (1, 6, 25, 34) and torch.isfinite(one).all()
+
+
+def test_gradients_reach_scale_and_reduce_through_the_fused_path():
+    maps, rois = make_inputs(torch.float32)
+    maps = [m.requires_grad_() for m in maps]
+    fused = SkipPool(in_channels=CHANNELS, strides=STRIDES, out_channels=6, norm="channel", roi_op="roi_align",
+                     fuse=True)
+    fused(fused.prepare(maps), rois).sum().backward()
+    for p in (fused.scale, fused.reduce.weight, fused.reduce.bias, *maps):
+        assert p.grad is not None and p.grad.abs().sum() > 0

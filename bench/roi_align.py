@@ -1,0 +1,76 @@
+"""roi_align forward + backward on the CPU: torchvision's kernel against the
+sparse-matrix form the training step uses (ion/roi_align.py).
+
+    .venv/bin/python -m bench.roi_align [--repeats 5] [--threads 2]
+
+Sizes are the small CPU model's fused skip-pooling map (128 channels at
+stride 4 and 8 of a ~240 px image) with the 64 ROIs sampled per training
+image, and a test-time count of 600 ROIs. The two variants run interleaved;
+the median over the repeats is printed with the ratio.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torchvision
+
+from ion.roi_align import roi_align_sparse
+
+# (channels, map height, map width, stride, ROIs)
+CASES = ((128, 56, 64, 4, 64), (128, 28, 32, 8, 64), (128, 28, 32, 8, 600))
+OUTPUT_SIZE, SAMPLING = 7, 2
+
+
+def _rois(count: int, height: int, width: int, stride: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    size = torch.tensor([width * stride, height * stride], dtype=torch.float32)
+    xy = torch.rand(count, 2, generator=g) * size * 0.7
+    return torch.cat([xy, torch.minimum(xy + 8 + torch.rand(count, 2, generator=g) * 60, size)], dim=1)
+
+
+def _variants(stride: int) -> dict:
+    def tv(feat, boxes):
+        return torchvision.ops.roi_align(feat, [boxes], output_size=OUTPUT_SIZE, spatial_scale=1 / stride,
+                                         sampling_ratio=SAMPLING, aligned=True)
+
+    def sparse(feat, boxes):
+        return roi_align_sparse(feat, boxes, output_size=OUTPUT_SIZE, spatial_scale=1 / stride,
+                                sampling_ratio=SAMPLING)
+    return {"torchvision": tv, "sparse": sparse}
+
+
+def _time_once(fn, feat: torch.Tensor, boxes: torch.Tensor, upstream: torch.Tensor) -> float:
+    start = time.perf_counter()
+    fn(feat, boxes).backward(upstream)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads; roi_align {OUTPUT_SIZE}x{OUTPUT_SIZE}, "
+          f"sampling {SAMPLING}, forward + backward, median ms")
+    print(f"{'map':>16} {'ROIs':>5} {'torchvision':>12} {'sparse':>8} {'speed-up':>9}")
+    for C, H, W, stride, R in CASES:
+        feat = torch.randn(1, C, H, W, requires_grad=True)
+        boxes = _rois(R, H, W, stride)
+        upstream = torch.randn(R, C, OUTPUT_SIZE, OUTPUT_SIZE)
+        variants = _variants(stride)
+        times = {name: [] for name in variants}
+        for fn in variants.values():  # warm-up
+            _time_once(fn, feat, boxes, upstream)
+        for _ in range(args.repeats):
+            for name, fn in variants.items():
+                times[name].append(_time_once(fn, feat, boxes, upstream))
+        ms = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+        print(f"{f'{C}x{H}x{W} /{stride}':>16} {R:>5} {ms['torchvision']:>12.1f} {ms['sparse']:>8.1f} "
+              f"{ms['torchvision'] / ms['sparse']:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
