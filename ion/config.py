@@ -135,8 +135,8 @@ class ModelConfig:
         if has_context and "context" not in self.pool_from and self.seg_loss_weight == 0:
             raise ValueError(f"context.kind is {self.context.kind} but nothing reads it: add context to "
                              "pool_from, set seg_loss_weight > 0, or set context.kind none")
-        if len(self.block_convs) != 5:
-            raise ValueError(f"block_convs: expected 5 counts (conv1..conv5), got {list(self.block_convs)}")
+        if len(self.block_convs) != 5 or min(self.block_convs) < 1:
+            raise ValueError(f"block_convs: expected 5 counts >= 1 (conv1..conv5), got {list(self.block_convs)}")
         if self.fuse and self.norm == "blob":
             raise ValueError("fuse: true normalises each location of each map; set norm channel or none "
                              "(norm blob needs the pooled ROI)")

@@ -22,6 +22,7 @@ def test_defaults_are_the_papers_model():
     (dict(imagenet_weights="vgg16.pth", width=0.25), "width 1.0"),
     (dict(imagenet_weights="vgg16.pth", fc_dim=1024), "fc_dim 4096"),
     (dict(block_convs=(1, 1, 1, 1)), "block_convs"),
+    (dict(block_convs=(1, 1, 0, 1, 1)), "block_convs"),
     (dict(fuse=True, norm="blob"), "norm"),
     (dict(imagenet_weights="vgg16.pth", block_convs=(1, 1, 1, 1, 1)), "block_convs"),
 ])
