@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ion.errors import UserError
+from pipeline.cli import run_command
 from pipeline.config import PROJECT_ROOT, Config, load_config
 from pipeline.graph import cache_keys, registered_names, registered_stages, select_names, select_stages
 from pipeline.schema import display_path, flatten
@@ -234,12 +235,7 @@ def evaluate_metrics(store: ArtifactStore, variant: Variant, key: str) -> tuple[
 
 def _run_command(variant: Variant, overrides: Sequence[str], workdir: Path | None) -> str:
     """`pipeline run` for one variant: what a missing-upstream message suggests."""
-    words = ["python", "-m", "pipeline", "run", "--config", display_path(variant.path)]
-    for text in overrides:
-        words += ["-o", text]
-    if workdir is not None:
-        words += ["--workdir", str(workdir)]
-    return shlex.join(words)
+    return run_command(display_path(variant.path), overrides, workdir)
 
 
 def run_ablations(*, configs: Sequence[Path] | None, overrides: Sequence[str], workdir: Path | None,

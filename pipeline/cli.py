@@ -63,16 +63,22 @@ def _load(args: argparse.Namespace):
     return load_config(args.config or DEFAULT_CONFIG, args.overrides, workdir=args.workdir)
 
 
-def _rerun_command(args: argparse.Namespace) -> str:
-    """The user's invocation without --stages/--force, for messages that suggest a command."""
+def run_command(config: str | None, overrides: Sequence[str], workdir: Path | None) -> str:
+    """`python -m pipeline run` with these flags and no --stages/--force: what
+    messages suggest to run (a missing upstream stage, for one)."""
     words = ["python", "-m", "pipeline", "run"]
-    if args.config is not None:
-        words += ["--config", str(args.config)]
-    for text in args.overrides:
+    if config is not None:
+        words += ["--config", config]
+    for text in overrides:
         words += ["-o", text]
-    if args.workdir is not None:
-        words += ["--workdir", str(args.workdir)]
+    if workdir is not None:
+        words += ["--workdir", str(workdir)]
     return shlex.join(words)
+
+
+def _rerun_command(args: argparse.Namespace) -> str:
+    """The user's invocation without --stages/--force."""
+    return run_command(None if args.config is None else str(args.config), args.overrides, args.workdir)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
