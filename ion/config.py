@@ -8,6 +8,7 @@ CPU model changes `width`, `batchnorm` and the input sizes.
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from ion.backbone import BLOCK_CHANNELS, scaled_channels
 from ion.context import ContextConfig
 
 # Layers skip pooling can read (Sec. 3.1, Table 4; conv7: Appendix item 3).
@@ -135,6 +136,12 @@ class ModelConfig:
         if has_context and "context" not in self.pool_from and self.seg_loss_weight == 0:
             raise ValueError(f"context.kind is {self.context.kind} but nothing reads it: add context to "
                              "pool_from, set seg_loss_weight > 0, or set context.kind none")
+        if self.context.kind == "irnn" and self.context.input_init == "identity":
+            conv5 = scaled_channels(BLOCK_CHANNELS[-1], self.width)
+            if self.context.hidden != conv5:
+                raise ValueError(f"context.hidden: {self.context.hidden}: context.input_init identity needs "
+                                 f"hidden = conv5's channels ({conv5} at width {self.width}); set "
+                                 f"context.hidden to {conv5} or context.input_init to random")
         if len(self.block_convs) != 5 or min(self.block_convs) < 1:
             raise ValueError(f"block_convs: expected 5 counts >= 1 (conv1..conv5), got {list(self.block_convs)}")
         if self.fuse and self.norm == "blob":

@@ -10,6 +10,14 @@ Table 7 (none, two 3x3 convs, two 5x5 convs, global average pooling tiled back)
 and the variants of Table 10 ("left-right then up-down", "pool out of both
 IRNNs") are switches of ``ContextConfig``.
 
+Three further switches change how the IRNN is read out, for a small model
+trained from scratch (the paper's sat on pretrained VGG16; README, "What made
+the IRNN learn the sky"): ``state_norm: steps`` divides each direction's
+hidden state by the cells it has scanned (running means, not sums);
+``input_init: identity`` starts the first layer's input-to-hidden conv as the
+identity; ``pool_directions: separate`` pools the first layer's directions as
+one map each, so skip pooling L2-normalises each on its own.
+
 Every module here maps conv5 Tensor[N, C, H, W] to a list of maps to ROI-pool
 from, each Tensor[N, C_i, H, W], and lists their channel counts in
 ``out_channels``.  The last map is the top output, the one the segmentation
@@ -47,7 +55,7 @@ class ContextConfig:
     pool_from_both: bool = field(
         default=False,
         metadata={"help": "pool from both stacked layers, not only the top one (Table 10b); "
-                          "kinds conv3, conv5, irnn"})
+                          "kinds conv3, conv5, irnn (ignored by none and global)"})
     dropout: float = field(
         default=0.0,
         metadata={"help": "dropout after each stacked layer (Sec. 3.2 item 2 used 0.25; 0 disables)",
@@ -56,11 +64,26 @@ class ContextConfig:
         default=None,
         metadata={"help": "output channels of the conv3/conv5 kinds (default: the paper's 512 / 256)",
                   "min": 1})
+    state_norm: Literal["none", "steps"] = field(
+        default="none",
+        metadata={"help": "IRNN read-out: the hidden states as they are (the paper), or divided by the "
+                          "number of cells each direction has scanned (running means)"})
+    input_init: Literal["random", "identity"] = field(
+        default="random",
+        metadata={"help": "the first IRNN layer's input-to-hidden 1x1 conv: random (the paper), or the "
+                          "identity (needs hidden = conv5's channels), so each direction starts as a "
+                          "plain accumulator of conv5"})
+    pool_directions: Literal["concat", "separate"] = field(
+        default="concat",
+        metadata={"help": "with pool_from_both, the first IRNN layer's directions are pooled as one map "
+                          "(concat), or one map per direction, each L2-normalised on its own"})
 
     def __post_init__(self):
-        if self.pool_from_both and self.kind in ("none", "global"):
-            raise ValueError(
-                f"pool_from_both needs two stacked layers (kind conv3, conv5 or irnn), got kind {self.kind!r}")
+        # Settings of other kinds are ignored, not errors: `-o model.context.kind=global`
+        # on an IRNN config means just that.
+        if self.kind == "irnn" and self.pool_directions == "separate" and not self.pool_from_both:
+            raise ValueError("pool_directions separate pools the first IRNN layer, which needs "
+                             "pool_from_both: true")
 
 
 class NoContext(nn.Module):
@@ -128,28 +151,54 @@ class IRNNContext(nn.Module):
         pool_from_both: bool = False,
         dropout: float = 0.0,
         identity_scan: Literal["closed_form", "loop"] = "closed_form",
+        state_norm: Literal["none", "steps"] = "none",
+        input_init: Literal["random", "identity"] = "random",
+        pool_directions: Literal["concat", "separate"] = "concat",
     ):
         super().__init__()
+        if input_init == "identity" and hidden != in_channels:
+            raise ValueError(f"context.input_init identity needs context.hidden = conv5's channels "
+                             f"({in_channels}), got hidden {hidden}; set hidden to {in_channels} or "
+                             "input_init to random")
+        if pool_directions == "separate" and not pool_from_both:
+            raise ValueError("pool_directions separate needs pool_from_both")
         if variant == "standard":
             first_dirs, second_dirs = DIRECTIONS, DIRECTIONS
         else:
             # Table 10 (a), as in ReNet: the first layer sweeps rows, the second columns.
             first_dirs, second_dirs = ("right", "left"), ("down", "up")
         shared = dict(hidden=hidden, recurrent=recurrent, first_step_bias=first_step_bias,
-                      identity_scan=identity_scan)
+                      identity_scan=identity_scan, state_norm=state_norm)
         self.first = FourDirectionIRNN(in_channels=in_channels, directions=first_dirs, **shared)
         self.second = FourDirectionIRNN(in_channels=self.first.out_channels, directions=second_dirs, **shared)
         self.output = nn.Conv2d(self.second.out_channels, in_channels, kernel_size=1)
+        if input_init == "identity":
+            # conv5 is post-ReLU (>= 0), so an identity input never resets the
+            # accumulators: "down" at a cell starts as the (mean) column of conv5 above it.
+            with torch.no_grad():
+                self.first.input_to_hidden.weight.copy_(torch.eye(hidden).view(hidden, hidden, 1, 1))
+                self.first.input_to_hidden.bias.zero_()
         # Sec. 3.2 item 2: dropout after each concat layer.
         self.dropout = nn.Dropout(dropout)
         self.pool_from_both = pool_from_both
-        self.out_channels = [self.first.out_channels, in_channels] if pool_from_both else [in_channels]
+        self.split_first = pool_directions == "separate"
+        if not pool_from_both:
+            self.out_channels = [in_channels]
+        elif self.split_first:
+            self.out_channels = [hidden] * len(first_dirs) + [in_channels]
+        else:
+            self.out_channels = [self.first.out_channels, in_channels]
 
     def forward(self, conv5: Tensor) -> list[Tensor]:
         a = self.dropout(self.first(conv5))  # (N, D1*hidden, H, W)
         b = self.dropout(self.second(a))  # (N, D2*hidden, H, W)
         top = self.output(b)  # (N, C, H, W)
-        return [a, top] if self.pool_from_both else [top]
+        if not self.pool_from_both:
+            return [top]
+        # Pooled one map per direction, each is L2-normalised on its own: the one
+        # direction that reaches a far cue is not outweighed by the three that do not.
+        first = list(a.split(self.first.hidden, dim=1)) if self.split_first else [a]  # D1 x (N, hidden, H, W)
+        return first + [top]
 
 
 def build_context(cfg: ContextConfig, in_channels: int) -> nn.Module:
@@ -181,4 +230,7 @@ def build_context(cfg: ContextConfig, in_channels: int) -> nn.Module:
         variant=cfg.variant,
         pool_from_both=cfg.pool_from_both,
         dropout=cfg.dropout,
+        state_norm=cfg.state_norm,
+        input_init=cfg.input_init,
+        pool_directions=cfg.pool_directions,
     )

@@ -183,6 +183,28 @@ def four_direction_scan(
     return torch.cat([outputs[d] for d in directions], dim=1)
 
 
+def steps_taken(direction: str, height: int, width: int, *, dtype: torch.dtype = torch.float32,
+                device: torch.device | None = None) -> Tensor:
+    """Tensor[1, 1, H, W]: how many cells the ``direction`` scan has read at each
+    cell, itself included ("right" at column j: j + 1; "left": W - j; "down" at
+    row i: i + 1; "up": H - i)."""
+    horizontal = direction in _HORIZONTAL
+    length = width if horizontal else height
+    count = torch.arange(1, length + 1, dtype=dtype, device=device)
+    if direction in _REVERSED:
+        count = count.flip(0)
+    return count.view(1, 1, 1, length) if horizontal else count.view(1, 1, length, 1)
+
+
+def divide_by_steps(h: Tensor, directions: Sequence[str]) -> Tensor:
+    """Each direction's block of h Tensor[N, D*C, H, W] divided by `steps_taken`:
+    with Whh = I and no reset, the running sum becomes the running mean."""
+    N, DC, H, W = h.shape
+    blocks = h.split(DC // len(directions), dim=1)
+    return torch.cat([b / steps_taken(d, H, W, dtype=h.dtype, device=h.device)
+                      for b, d in zip(blocks, directions)], dim=1)
+
+
 class FourDirectionIRNN(nn.Module):
     """One IRNN layer of Fig. 3: shared 1x1 conv, ReLU recurrences, concat.
 
@@ -198,9 +220,12 @@ class FourDirectionIRNN(nn.Module):
         recurrent: Literal["learned", "identity"] = "learned",
         first_step_bias: bool = False,
         identity_scan: Literal["closed_form", "loop"] = "closed_form",
+        state_norm: Literal["none", "steps"] = "none",
     ):
         super().__init__()
         directions = tuple(directions)
+        if state_norm not in ("none", "steps"):
+            raise ValueError(f"state_norm must be 'none' or 'steps', got {state_norm!r}")
         if not directions or len(set(directions)) != len(directions) or not set(directions) <= set(DIRECTIONS):
             raise ValueError(f"directions must be distinct names from {DIRECTIONS}, got {directions}")
         if recurrent not in ("learned", "identity"):
@@ -210,6 +235,7 @@ class FourDirectionIRNN(nn.Module):
         self.directions = directions
         self.hidden = hidden
         self.identity_scan = identity_scan
+        self.state_norm = state_norm
         self.out_channels = len(directions) * hidden
         # Sec. 3.2: one input-to-hidden transition shared by all directions, bias merged in.
         self.input_to_hidden = nn.Conv2d(in_channels, hidden, kernel_size=1)
@@ -226,10 +252,14 @@ class FourDirectionIRNN(nn.Module):
             self.register_parameter("first_step_bias", None)
 
     def forward(self, x: Tensor) -> Tensor:
-        return four_direction_scan(
+        h = four_direction_scan(
             self.input_to_hidden(x),
             directions=self.directions,
             recurrent_weight=self.recurrent_weight,
             first_step_bias=self.first_step_bias,
             identity_scan=self.identity_scan,
-        )
+        )  # (N, D*hidden, H, W)
+        # "steps": read the states out as running means. A running sum grows with
+        # the distance scanned, so after the per-location L2 norm of skip pooling
+        # a cell's summary is weighted by where the cell is, not by what it saw.
+        return divide_by_steps(h, self.directions) if self.state_norm == "steps" else h

@@ -30,7 +30,7 @@ from proposals.mix import mix_stores
 from proposals.recall import curve_counts, load_ground_truth, plot_recall, store_recall
 from proposals.rpn import VARIANTS, build_rpn, generate_proposals_all, load_rpn, save_rpn, train_rpn
 from proposals.rpn_config import RpnConfig
-from proposals.selective_search import selective_search
+from proposals.selective_search import selective_search_isolated
 from proposals.store import ProposalStore, Shard, ShardedWriter, write_shard, write_store
 
 NAME = "proposals"
@@ -223,7 +223,7 @@ def compute_shard(task: ShardTask) -> int:
             for variant, (boxes, scores) in results.items():
                 per_source[variant].append((image_id, boxes, scores))
         else:
-            boxes, scores = selective_search(image, seed=image_id, **settings)
+            boxes, scores = selective_search_isolated(image, seed=image_id, **settings)
             per_source["selective_search"].append((image_id, boxes, scores))
     for source, items in per_source.items():
         write_shard(task.parts_dirs[source], task.shard, items)

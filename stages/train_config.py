@@ -144,8 +144,13 @@ class TrainConfig:
     max_failures: int = field(
         default=3, metadata={"help": "Ray Train restarts of a failed worker group from the last checkpoint",
                              "min": 0})
+    # 0 by default: on a CPU the loader's torch ops (resize, normalise) start
+    # their own OpenMP team and fight the training threads for the cores
+    # (default run: 6.3 images/s with one loader thread, 8.5 inline). A GPU
+    # run leaves the CPU idle while it waits, so there a thread or two pays.
     loader_threads: int = field(
-        default=1, metadata={"help": "threads loading the next images while the model trains (0 = inline)",
+        default=0, metadata={"help": "threads loading the next images while the model trains (0 = inline; "
+                                     "worth 1-4 on a GPU, slower on a CPU-only run)",
                              "min": 0})
 
     def __post_init__(self) -> None:

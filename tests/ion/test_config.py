@@ -25,6 +25,8 @@ def test_defaults_are_the_papers_model():
     (dict(block_convs=(1, 1, 0, 1, 1)), "block_convs"),
     (dict(fuse=True, norm="blob"), "norm"),
     (dict(imagenet_weights="vgg16.pth", block_convs=(1, 1, 1, 1, 1)), "block_convs"),
+    (dict(width=0.25, context=ContextConfig(hidden=64, input_init="identity")),
+     r"context.hidden: 64: .* conv5's channels \(128 at width 0.25\); set context.hidden to 128"),
 ])
 def test_cross_field_rules(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -38,6 +40,11 @@ def test_section_rules():
         InputConfig(pixel_mean=(0.5,))
     with pytest.raises(ValueError, match="bg_iou_lo < bg_iou_hi <= fg_iou"):
         RoiSamplingConfig(bg_iou_lo=0.5, bg_iou_hi=0.4)
+
+
+def test_identity_input_init_with_conv5_wide_hidden_is_accepted():
+    assert ModelConfig(width=0.25, context=ContextConfig(hidden=128, input_init="identity")).context.hidden == 128
+    assert ModelConfig(context=ContextConfig(hidden=512, input_init="identity")).width == 1.0
 
 
 def test_seg_only_context_is_allowed():

@@ -16,9 +16,11 @@ from ion.context import ContextConfig, IRNNContext, build_context
 from ion.irnn import (
     DIRECTIONS,
     FourDirectionIRNN,
+    divide_by_steps,
     four_direction_scan,
     relu_scan_closed_form,
     relu_scan_loop,
+    steps_taken,
 )
 from ion.seg_head import CROWD_LABEL, SEG_IGNORE, SegmentationHead, bilinear_kernel, seg_loss, seg_targets
 
@@ -220,11 +222,20 @@ CASES = [
     (dict(kind="conv5"), [256]),
     (dict(kind="conv5", channels=5), [5]),
     (dict(kind="global"), [8]),
+    # Settings of other kinds are ignored: an IRNN config switched to global or none.
+    (dict(kind="global", pool_from_both=True, state_norm="steps", input_init="identity",
+          pool_directions="separate"), [8]),
+    (dict(kind="none", pool_from_both=True, pool_directions="separate"), []),
     (dict(kind="irnn", hidden=4), [8]),
     (dict(kind="irnn", hidden=4, recurrent="identity", first_step_bias=True), [8]),
     (dict(kind="irnn", hidden=4, pool_from_both=True), [16, 8]),
     (dict(kind="irnn", hidden=4, variant="lr_then_ud", pool_from_both=True), [8, 8]),
     (dict(kind="irnn", hidden=3, dropout=0.25), [8]),
+    (dict(kind="irnn", hidden=4, state_norm="steps"), [8]),
+    (dict(kind="irnn", hidden=4, pool_from_both=True, pool_directions="separate"), [4, 4, 4, 4, 8]),
+    (dict(kind="irnn", hidden=4, variant="lr_then_ud", pool_from_both=True, pool_directions="separate"),
+     [4, 4, 8]),
+    (dict(kind="irnn", hidden=8, input_init="identity"), [8]),
 ]
 
 
@@ -260,10 +271,63 @@ def test_context_config_fields_follow_conventions():
     for f in dataclasses.fields(ContextConfig):
         assert f.default is not dataclasses.MISSING, f.name
         assert f.metadata.get("help"), f.name
-    with pytest.raises(ValueError, match="pool_from_both.*'global'"):
-        ContextConfig(kind="global", pool_from_both=True)
     with pytest.raises(dataclasses.FrozenInstanceError):
         ContextConfig().hidden = 3
+    with pytest.raises(ValueError, match="pool_directions separate .* needs pool_from_both: true"):
+        ContextConfig(kind="irnn", pool_directions="separate")
+    with pytest.raises(ValueError, match="input_init identity needs context.hidden = conv5's channels \\(8\\)"):
+        build_context(ContextConfig(kind="irnn", hidden=4, input_init="identity"), in_channels=8)
+
+
+# ---------------------------------------------------------------- running means (state_norm steps)
+
+def test_steps_taken_counts_the_cells_each_direction_has_read():
+    def grid(direction, h, w):  # broadcast to the map it divides
+        return steps_taken(direction, h, w).expand(1, 1, h, w)[0, 0].tolist()
+    assert grid("right", 2, 4) == [[1, 2, 3, 4]] * 2
+    assert grid("left", 2, 4) == [[4, 3, 2, 1]] * 2
+    assert grid("down", 3, 2) == [[1, 1], [2, 2], [3, 3]]
+    assert grid("up", 3, 2) == [[3, 3], [2, 2], [1, 1]]
+
+
+def test_steps_norm_of_nonnegative_input_is_the_running_mean():
+    """No resets on input >= 0, so each direction reads out the mean of the cells it scanned."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 4, 5, dtype=torch.float64)
+    out = divide_by_steps(four_direction_scan(x), DIRECTIONS)  # (2, 12, 4, 5)
+    right, left, down, up = out.split(3, dim=1)
+    for i in range(4):
+        for j in range(5):
+            torch.testing.assert_close(right[..., i, j], x[..., i, :j + 1].mean(-1))
+            torch.testing.assert_close(left[..., i, j], x[..., i, j:].mean(-1))
+            torch.testing.assert_close(down[..., i, j], x[..., :i + 1, j].mean(-1))
+            torch.testing.assert_close(up[..., i, j], x[..., i:, j].mean(-1))
+
+
+def test_identity_input_init_starts_the_first_layer_as_column_and_row_means():
+    torch.manual_seed(1)
+    module = build_context(ContextConfig(kind="irnn", hidden=3, recurrent="identity", state_norm="steps",
+                                         input_init="identity", pool_from_both=True,
+                                         pool_directions="separate"), in_channels=3).double()
+    conv5 = torch.rand(1, 3, 5, 4, dtype=torch.float64)  # post-ReLU: >= 0
+    right, left, down, up, top = module(conv5)
+    torch.testing.assert_close(down[..., 4, 2], conv5[..., :, 2].mean(-1))  # the whole column above row 4
+    torch.testing.assert_close(up[..., 0, 1], conv5[..., :, 1].mean(-1))
+    torch.testing.assert_close(right[..., 2, 3], conv5[..., 2, :].mean(-1))
+    torch.testing.assert_close(left[..., 1, 0], conv5[..., 1, :].mean(-1))
+    assert top.shape == (1, 3, 5, 4)
+
+
+def test_separate_directions_are_the_concat_split():
+    torch.manual_seed(2)
+    fields = dict(kind="irnn", hidden=2, pool_from_both=True)
+    concat = build_context(ContextConfig(**fields), in_channels=5)
+    separate = build_context(ContextConfig(**fields, pool_directions="separate"), in_channels=5)
+    separate.load_state_dict(concat.state_dict())
+    x = torch.randn(1, 5, 3, 4)
+    (joined, top), parts = concat(x), separate(x)
+    torch.testing.assert_close(torch.cat(parts[:4], dim=1), joined)
+    torch.testing.assert_close(parts[4], top)
 
 
 # ---------------------------------------------------------------- segmentation head

@@ -30,17 +30,25 @@ def _expected_model_changes(default) -> dict[str, dict[str, object]]:
     """Variant -> the model leaves it sets (dotted under model); every other model leaf is the default's."""
     from ion.backbone import scaled_channels
 
+    # The reference is the default without its segmentation loss; every other variant
+    # extends the reference and changes one thing; seg-loss puts the loss back.
+    off = {"seg_loss_weight": 0.0}
     return {
-        "irnn-identity": {},  # the reference row: the default ION itself
-        "none": {"context.kind": "none",
+        "irnn-identity": off,
+        # The IRNN read out as the paper has it, without what the default adds to let
+        # the small model learn (running means, identity input, directions pooled apart).
+        "irnn-paper": {**off, "context.state_norm": "none", "context.input_init": "random",
+                       "context.pool_from_both": "false", "context.pool_directions": "concat"},
+        "none": {**off, "context.kind": "none",
                  "pool_from": [name for name in default.model.pool_from if name != "context"]},
-        # As wide as the IRNN's output (conv5's channels), not the paper's 512 on full VGG16.
-        "conv3": {"context.kind": "conv3",
+        # As wide as the IRNN's output (conv5's channels), not the paper's 512 on full VGG16;
+        # pooled from the top conv only, as Table 7 does.
+        "conv3": {**off, "context.kind": "conv3", "context.pool_from_both": "false",
                   "context.channels": scaled_channels(VGG16_CONV5_CHANNELS, default.model.width)},
-        "global": {"context.kind": "global"},
-        "irnn-learned": {"context.recurrent": "learned"},
-        "no-l2-norm": {"norm": "none"},
-        "seg-loss": {"seg_loss_weight": 1.0},
+        "global": {**off, "context.kind": "global"},
+        "irnn-learned": {**off, "context.recurrent": "learned"},
+        "no-l2-norm": {**off, "norm": "none"},
+        "seg-loss": {},  # the default itself
     }
 
 

@@ -70,3 +70,38 @@ def test_real_photo(shared_dir):
     result = evaluate_recall(ground_truth, lambda _: boxes, [image_id], counts=(2000,))
     assert result.num_gt["all"] == 2
     assert result.recall_at(0.5, 2000) == 1.0
+
+
+def test_isolated_search_is_immune_to_other_threads_drawing_rand():
+    """OpenCV ranks with the process's one C rand(); a thread drawing from it during
+    the search (as Ray's worker threads do) reorders the boxes in-process, but not
+    in the helper process that selective_search_isolated runs it in."""
+    import ctypes
+    import threading
+
+    from proposals.selective_search import selective_search_isolated
+
+    image = synthetic_image()
+    settings = dict(mode="fast", min_size=10, seed=3)
+    reference, reference_scores = selective_search(image, **settings)
+    libc = ctypes.CDLL(None)
+    stop = threading.Event()
+
+    def draw():
+        while not stop.is_set():
+            libc.rand()
+
+    drawer = threading.Thread(target=draw, daemon=True)
+    drawer.start()
+    try:
+        disturbed = [selective_search(image, **settings)[0] for _ in range(5)]
+        isolated = [selective_search_isolated(image, **settings) for _ in range(3)]
+    finally:
+        stop.set()
+        drawer.join()
+    # The hazard is real in this process (else this test could not tell the two apart) ...
+    assert any(not np.array_equal(boxes, reference) for boxes in disturbed)
+    # ... and the helper process is immune to it.
+    for boxes, scores in isolated:
+        np.testing.assert_array_equal(boxes, reference)
+        np.testing.assert_array_equal(scores, reference_scores)
