@@ -43,13 +43,12 @@ def crate_features(model, cfg, split: DetectionSplit, images: int) -> tuple[dict
             p = prepare(record.load(), record.boxes, min_size=cfg.input.min_size, max_size=cfg.input.max_size,
                         mean=tuple(cfg.input.pixel_mean), std=tuple(cfg.input.pixel_std), flip=False)
             backbone = model.backbone(p.image)
-            conv5 = backbone["conv5"][0]  # (C5, h, w), stride 16
-            context = model.context(backbone["conv5"])
-            maps = {"conv5": (conv5, 16)}
-            if context:
-                maps["context"] = (context[-1][0], 16)
+            computed = model.maps_from_backbone(backbone)  # one backbone and context pass for all three
+            maps = {"conv5": (backbone["conv5"][0], 16)}  # (C5, h, w), stride 16
+            if computed.context:
+                maps["context"] = (computed.context[-1][0], 16)
             if model.skip_pool.fuse:
-                maps["fused"] = (model.feature_maps(p.image).pooled[0][0], min(model.skip_pool.strides))
+                maps["fused"] = (computed.pooled[0][0], min(model.skip_pool.strides))
             for box, category in zip(p.boxes.numpy(), record.category_ids):
                 if category not in scene_of:
                     continue

@@ -70,7 +70,11 @@ class IONDetector(nn.Module):
 
     def feature_maps(self, image: Tensor) -> FeatureMaps:
         """Run the backbone and the context once for Tensor[1, 3, H, W]."""
-        feats = self.backbone(image)
+        return self.maps_from_backbone(self.backbone(image))
+
+    def maps_from_backbone(self, feats: dict[str, Tensor]) -> FeatureMaps:
+        """The context and the maps skip pooling reads, from the backbone's outputs
+        {name: Tensor[1, C, H, W]} (for callers that also need those outputs)."""
         # Sec. 3.2: the context module sits on conv5 (docs/CONTRACTS.md).
         context = self.context(feats["conv5"])
         pooled: list[Tensor] = []
