@@ -3,7 +3,7 @@ import torch
 import torchvision
 
 from ion.roi_align import roi_align_sparse, sampling_matrix
-from ion.skip_pool import roi_pool_map
+from ion.skip_pool import ROI_ALIGN_SAMPLING, roi_pool_map
 
 
 def rois_around(*, count: int, height: int, width: int, stride: int, seed: int = 0) -> torch.Tensor:
@@ -48,7 +48,7 @@ def test_an_roi_far_outside_pools_zero_and_no_rois_give_an_empty_result():
     assert empty.shape == (0, 3, 7, 7)
 
 
-def test_skip_pooling_uses_it_only_when_a_cpu_gradient_is_needed(monkeypatch):
+def test_skip_pooling_uses_it_on_the_cpu_for_training_and_test(monkeypatch):
     calls = []
     import ion.skip_pool as skip_pool
 
@@ -58,9 +58,13 @@ def test_skip_pooling_uses_it_only_when_a_cpu_gradient_is_needed(monkeypatch):
 
     monkeypatch.setattr(skip_pool, "roi_align_sparse", spy)
     feat = torch.rand(1, 4, 8, 8)
-    boxes = torch.tensor([[4.0, 4.0, 40.0, 30.0]])
-    plain = roi_pool_map(feat, boxes, op="roi_align", output_size=7, stride=8)
-    assert calls == []
-    trained = roi_pool_map(feat.clone().requires_grad_(), boxes, op="roi_align", output_size=7, stride=8)
+    boxes = torch.tensor([[4.0, 4.0, 40.0, 30.0], [0.0, 10.0, 63.0, 20.0]])
+    reference = torchvision.ops.roi_align(feat, [boxes], output_size=7, spatial_scale=1 / 8,
+                                          sampling_ratio=ROI_ALIGN_SAMPLING, aligned=True)
+    with torch.inference_mode():
+        tested = roi_pool_map(feat, boxes, op="roi_align", output_size=7, stride=8)
     assert calls == [1]
-    torch.testing.assert_close(trained, plain)
+    trained = roi_pool_map(feat.clone().requires_grad_(), boxes, op="roi_align", output_size=7, stride=8)
+    assert calls == [1, 1]
+    torch.testing.assert_close(tested, reference)
+    torch.testing.assert_close(trained, reference)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from ion.skip_pool import SkipPool, resample_to
+from ion.skip_pool import SkipPool, l2_normalize_rois, resample_to
 
 STRIDES = (4, 8, 16)
 CHANNELS = (3, 5, 4)
@@ -102,6 +102,45 @@ def test_fused_equals_per_layer_when_all_maps_share_a_stride():
     out = fused(fused.prepare(maps), rois)
     assert out.shape == (3, 6, 7, 7)
     assert torch.allclose(out, plain(plain.prepare(maps), rois), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm, scale_mode", [("channel", "learned"), ("channel", "fixed"), ("none", "learned")])
+def test_fused_map_reduced_before_resampling_equals_the_literal_concat(norm, scale_mode):
+    # prepare() runs each map's block of the 1x1 conv at the map's own stride and
+    # resamples the result; the spec's order resamples every channel, concats,
+    # scales and reduces. Values and gradients must agree, odd edge cells included.
+    g = torch.Generator().manual_seed(3)
+    channels, strides = (3, 5, 4), (4, 8, 16)
+    sizes = ((13, 17), (6, 8), (3, 4))  # VGG floor pooling: 13 = 2 * 6 + 1 and 17 = 2 * 8 + 1
+    maps = [torch.rand(1, c, h, w, generator=g, dtype=torch.float64, requires_grad=True)
+            for c, (h, w) in zip(channels, sizes)]
+    pool = SkipPool(in_channels=channels, strides=strides, out_channels=6, roi_op="roi_align", norm=norm,
+                    scale_mode=scale_mode, scale_init=2.5, fuse=True).double()
+    torch.nn.init.normal_(pool.reduce.bias, generator=g)
+    if pool.scale is not None and pool.scale.ndim:
+        with torch.no_grad():
+            pool.scale.uniform_(0.5, 3.0, generator=g)
+    (fast,) = pool.prepare(maps)
+    normed = [l2_normalize_rois(m, norm=norm) for m in maps]
+    literal = pool.concat_then_reduce(normed, [1, 2, 4], torch.Size((13, 17)))
+    assert fast.shape == literal.shape == (1, 6, 13, 17)
+    assert torch.allclose(fast, literal, rtol=0, atol=1e-12)
+    weights = torch.rand(fast.shape, generator=g, dtype=torch.float64)
+    params = [*maps, pool.reduce.weight, pool.reduce.bias] + ([pool.scale] if pool.scale is not None and pool.scale.requires_grad else [])
+    for a, b in zip(torch.autograd.grad((fast * weights).sum(), params),
+                    torch.autograd.grad((literal * weights).sum(), params)):
+        assert torch.allclose(a, b, rtol=0, atol=1e-10)
+
+
+def test_fused_map_with_dropout_in_training_masks_the_concat():
+    # Dropout acts on concat entries, so training with it keeps the literal order:
+    # with p close to 1 nearly every entry is dropped and the map is nearly the bias.
+    maps = [torch.rand(1, 3, 8, 8), torch.rand(1, 4, 4, 4)]
+    pool = SkipPool(in_channels=(3, 4), strides=(8, 16), out_channels=2, roi_op="roi_align", norm="channel",
+                    dropout=0.999999, fuse=True).train()
+    torch.nn.init.normal_(pool.reduce.bias)
+    (out,) = pool.prepare(maps)
+    assert torch.allclose(out, pool.reduce.bias.view(1, -1, 1, 1).expand_as(out))
 
 
 def test_resample_to_keeps_cell_centres_and_replicates_the_odd_edge():
