@@ -11,11 +11,11 @@ paper's (600x1000, full width, conv3/conv4/conv5 + the top context map). The
 variants run interleaved; the median is printed with the ratio side by side.
 """
 import argparse
-import statistics
 import time
 
 import torch
 
+from bench.interleaved import interleaved_medians
 from ion.skip_pool import SkipPool
 
 # name -> (image H, W, [(channels, stride)] in pool_from order, out_channels)
@@ -50,14 +50,9 @@ def bench_shape(name: str, device: torch.device, repeats: int) -> dict[str, floa
     maps = _inputs(H, W, layers, device)
     factors = [s // 4 for _, s in layers]
     size = maps[0].shape[-2:]
-    variants = {"reduce_then_resample": pool.reduce_then_resample, "concat_then_reduce": pool.concat_then_reduce}
-    times = {v: [] for v in variants}
-    for method in variants.values():  # warm-up
-        _time_once(method, maps, factors, size)
-    for _ in range(repeats):
-        for v, method in variants.items():
-            times[v].append(_time_once(method, maps, factors, size))
-    return {v: 1e3 * statistics.median(ts) for v, ts in times.items()}
+    variants = {name: (lambda method=getattr(pool, name): _time_once(method, maps, factors, size))
+                for name in ("reduce_then_resample", "concat_then_reduce")}
+    return {name: 1e3 * s for name, s in interleaved_medians(variants, repeats).items()}
 
 
 def main() -> None:

@@ -9,11 +9,11 @@ run interleaved, so that a load spike on a shared machine hits them alike;
 the median over the repeats is printed, with the ratios side by side.
 """
 import argparse
-import statistics
 import time
 
 import torch
 
+from bench.interleaved import interleaved_medians
 from ion.irnn import DIRECTIONS, four_direction_scan
 
 # conv5 (stride 16) of a 600x1000 and an 800x1333 image, as issue 3 states them
@@ -49,14 +49,9 @@ def bench_size(device: torch.device, hw: tuple[int, int], repeats: int, clock=ti
     torch.manual_seed(0)
     x = torch.randn(1, HIDDEN, H, W, device=device, requires_grad=True)
     upstream = torch.randn(1, 4 * HIDDEN, H, W, device=device)
-    variants = _variants(HIDDEN, device)
-    times = {name: [] for name in variants}
-    for name, kwargs in variants.items():  # warm-up: allocator, kernels, cuBLAS handles
-        _time_once(x, upstream, kwargs, clock)
-    for _ in range(repeats):
-        for name, kwargs in variants.items():
-            times[name].append(_time_once(x, upstream, kwargs, clock))
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+    variants = {name: (lambda kwargs=kwargs: _time_once(x, upstream, kwargs, clock))
+                for name, kwargs in _variants(HIDDEN, device).items()}
+    return {name: 1e3 * s for name, s in interleaved_medians(variants, repeats).items()}
 
 
 def main() -> None:

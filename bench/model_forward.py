@@ -12,12 +12,12 @@ On CUDA both run in float32 and under float16 autocast (AMP). Prints the
 median images per second and the ratios side by side.
 """
 import argparse
-import statistics
 import time
 
 import numpy as np
 import torch
 
+from bench.interleaved import interleaved_medians
 from ion.build import build_detector
 from ion.config import ModelConfig
 from ion.context import ContextConfig
@@ -77,13 +77,8 @@ def bench(width: float, device: torch.device, repeats: int, num_proposals: int) 
 
         variants["forward" + suffix] = forward
         variants["predict_raw flip" + suffix] = raw
-    for fn in variants.values():  # warm-up: allocator, kernels, cuDNN algorithm choice
-        fn()
-    times = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():  # interleaved, so load spikes hit all alike
-            times[name].append(_timed(fn, device))
-    return {name: 1.0 / statistics.median(ts) for name, ts in times.items()}
+    measures = {name: (lambda fn=fn: _timed(fn, device)) for name, fn in variants.items()}
+    return {name: 1.0 / s for name, s in interleaved_medians(measures, repeats).items()}
 
 
 def main() -> None:

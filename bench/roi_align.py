@@ -10,12 +10,12 @@ proposals). The two variants run interleaved; the median over the repeats is
 printed with the ratio.
 """
 import argparse
-import statistics
 import time
 
 import torch
 import torchvision
 
+from bench.interleaved import interleaved_medians
 from ion.roi_align import roi_align_sparse
 
 # (channels, map height, map width, stride, ROIs)
@@ -67,14 +67,9 @@ def main() -> None:
         boxes = _rois(R, H, W, stride)
         for label, upstream in (("forward+backward", torch.randn(R, C, OUTPUT_SIZE, OUTPUT_SIZE)),
                                 ("forward (test)", None)):
-            variants = _variants(stride)
-            times = {name: [] for name in variants}
-            for fn in variants.values():  # warm-up
-                _time_once(fn, feat, boxes, upstream)
-            for _ in range(args.repeats):
-                for name, fn in variants.items():
-                    times[name].append(_time_once(fn, feat, boxes, upstream))
-            ms = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+            variants = {name: (lambda fn=fn, upstream=upstream: _time_once(fn, feat, boxes, upstream))
+                        for name, fn in _variants(stride).items()}
+            ms = {name: 1e3 * s for name, s in interleaved_medians(variants, args.repeats).items()}
             print(f"{label:>16} {f'{C}x{H}x{W} /{stride}':>16} {R:>5} {ms['torchvision']:>12.1f} "
                   f"{ms['sparse']:>8.1f} {ms['torchvision'] / ms['sparse']:>8.2f}x")
 
