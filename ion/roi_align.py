@@ -7,8 +7,8 @@ the feature map: every output cell is a fixed weighted sum of at most
 4 x sampling^2 map cells. Written as a sparse matrix M (R*S*S rows, H*W
 columns), the forward is M @ X and the backward M^T @ dY, two sparse-dense
 products that cost R*S*S*16*C multiply-adds each: 3-5x faster than
-torchvision's backward, and 2-2.5x faster forward at test time's 600
-ROIs (bench/roi_align.py).
+torchvision's backward, and 2x (64 ROIs) to 4x (test time's 600) faster
+forward (bench/roi_align.py, 2 threads).
 
 The sampling follows torchvision.ops.roi_align(aligned=True,
 sampling_ratio=s) exactly (tests/ion/test_roi_align.py compares values and

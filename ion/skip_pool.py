@@ -57,7 +57,7 @@ def roi_pool_map(feat: Tensor, boxes: Tensor, *, op: RoiOp, output_size: int, st
     assert op == "roi_align", op
     if feat.device.type == "cpu":
         # The same op as a sparse product (ion/roi_align.py): on the CPU its backward
-        # is 4-5x and its forward 2x faster than torchvision's kernels (bench/roi_align.py).
+        # is 3-5x and its forward 2-4.6x faster than torchvision's kernels (bench/roi_align.py).
         return roi_align_sparse(feat, boxes, output_size=output_size, spatial_scale=scale,
                                 sampling_ratio=ROI_ALIGN_SAMPLING)
     # aligned=True: in continuous coordinates cell i of a stride-s map is

@@ -126,7 +126,9 @@ def test_fused_map_reduced_before_resampling_equals_the_literal_concat(norm, sca
     assert fast.shape == literal.shape == (1, 6, 13, 17)
     assert torch.allclose(fast, literal, rtol=0, atol=1e-12)
     weights = torch.rand(fast.shape, generator=g, dtype=torch.float64)
-    params = [*maps, pool.reduce.weight, pool.reduce.bias] + ([pool.scale] if pool.scale is not None and pool.scale.requires_grad else [])
+    params = [*maps, pool.reduce.weight, pool.reduce.bias]
+    if pool.scale is not None and pool.scale.requires_grad:
+        params.append(pool.scale)
     for a, b in zip(torch.autograd.grad((fast * weights).sum(), params),
                     torch.autograd.grad((literal * weights).sum(), params)):
         assert torch.allclose(a, b, rtol=0, atol=1e-10)
@@ -134,13 +136,16 @@ def test_fused_map_reduced_before_resampling_equals_the_literal_concat(norm, sca
 
 def test_fused_map_with_dropout_in_training_masks_the_concat():
     # Dropout acts on concat entries, so training with it keeps the literal order:
-    # with p close to 1 nearly every entry is dropped and the map is nearly the bias.
+    # with p = 1 every entry is dropped and the map is the bias; in eval mode it is not.
     maps = [torch.rand(1, 3, 8, 8), torch.rand(1, 4, 4, 4)]
     pool = SkipPool(in_channels=(3, 4), strides=(8, 16), out_channels=2, roi_op="roi_align", norm="channel",
-                    dropout=0.999999, fuse=True).train()
+                    dropout=1.0, fuse=True).train()
     torch.nn.init.normal_(pool.reduce.bias)
+    bias = pool.reduce.bias.view(1, -1, 1, 1).expand(1, 2, 8, 8)
     (out,) = pool.prepare(maps)
-    assert torch.allclose(out, pool.reduce.bias.view(1, -1, 1, 1).expand_as(out))
+    assert torch.equal(out, bias)
+    (evaluated,) = pool.eval().prepare(maps)
+    assert not torch.allclose(evaluated, bias)
 
 
 def test_resample_to_keeps_cell_centres_and_replicates_the_odd_edge():
