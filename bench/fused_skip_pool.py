@@ -16,7 +16,7 @@ import time
 import torch
 
 from bench.interleaved import interleaved_medians
-from ion.skip_pool import SkipPool
+from ion.modeling.skip_pool import SkipPool
 
 # name -> (image H, W, [(channels, stride)] in pool_from order, out_channels)
 SHAPES = {

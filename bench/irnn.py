@@ -14,7 +14,7 @@ import time
 import torch
 
 from bench.interleaved import interleaved_medians
-from ion.irnn import DIRECTIONS, four_direction_scan
+from ion.modeling.irnn import DIRECTIONS, four_direction_scan
 
 # conv5 (stride 16) of a 600x1000 and an 800x1333 image, as issue 3 states them
 # (Caffe's ceil-mode pooling; torchvision's floor mode gives 37x62 and 50x83).

@@ -30,8 +30,8 @@ from ion.data import synthetic
 from ion.data.config import SyntheticConfig
 from pipeline.cluster import init_ray, ray_map, shutdown_ray
 from pipeline.config import PROJECT_ROOT, load_config
-from pipeline.runtime import RuntimeConfig
-from proposals.rpn import build_rpn, save_rpn
+from stages.contract import RuntimeConfig
+from proposals.rpn.model import build_rpn, save_rpn
 from proposals.store import Shard
 from stages.proposals import GROUP_SOURCES, ShardTask, compute_shard
 

@@ -1,5 +1,5 @@
 """roi_align on the CPU, forward + backward and forward alone: torchvision's
-kernel against the sparse-matrix form used for training and test (ion/roi_align.py).
+kernel against the sparse-matrix form used for training and test (ion/ops/roi_align.py).
 
     .venv/bin/python -m bench.roi_align [--repeats 5] [--threads 2]
 
@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 from bench.interleaved import interleaved_medians
-from ion.roi_align import roi_align_sparse
+from ion.ops.roi_align import roi_align_sparse
 
 # (channels, map height, map width, stride, ROIs)
 CASES = ((128, 56, 64, 4, 64), (128, 28, 32, 8, 64), (128, 28, 32, 8, 600), (128, 56, 72, 4, 650))

@@ -21,7 +21,7 @@ from pathlib import Path
 from bench.tune_trial import TRIALS, make_minival
 from ion.data.categories import CategoryMap
 from pipeline.cluster import init_ray, ray_map, shutdown_ray
-from pipeline.runtime import RuntimeConfig
+from stages.contract import RuntimeConfig
 from stages.raw_detections import write_raw
 from stages.tune import trial_ap
 

@@ -26,8 +26,8 @@ import torch
 from ion.data.categories import CategoryMap
 from ion.evaluation.coco_eval import coco_eval
 from ion.evaluation.evaluator import Evaluator, flatten_detections
-from ion.postprocess import Detections
-from ion.tuning import Thresholds, apply_thresholds
+from ion.inference.postprocess import Detections
+from ion.inference.tuning import Thresholds, apply_thresholds
 
 # COCO's 80 category ids (1..90 with gaps)
 COCO_IDS = tuple(i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83})

@@ -34,7 +34,7 @@ from ion.errors import UserError
 from pipeline.cli import run_command
 from pipeline.config import PROJECT_ROOT, Config, load_config
 from pipeline.graph import cache_keys, registered_names, registered_stages, select_names, select_stages
-from pipeline.schema import display_path, flatten
+from ion.schema import display_path, flatten
 from pipeline.store import ArtifactStore, write_text_atomic
 
 ABLATIONS_DIR = PROJECT_ROOT / "configs" / "ablations"

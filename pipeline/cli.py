@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Sequence
 
 from ion.errors import UserError
-from pipeline.config import DEFAULT_CONFIG, config_reference, load_config
+from pipeline.config import DEFAULT_CONFIG, config_path, config_reference, load_config
 from pipeline.graph import registered_names, registered_stages, select_names, select_stages
-from pipeline.schema import display_path
+from ion.schema import display_path
 from pipeline.status import format_status, stage_statuses
 from pipeline.store import ArtifactStore
 
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def config_flags(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--config", type=Path, default=None,
-                         help="YAML config (default: configs/default.yaml of the project)")
+                         help="YAML config file, or the name of a shipped one (smoke, coco_ion, ...); default: default")
         sub.add_argument("-o", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override one config value, e.g. -o train.phases[0].lr_start=0.01 (repeatable)")
         sub.add_argument("--workdir", type=Path, default=None,
@@ -92,7 +92,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.tracking import Tracker, tracking_uri_for
 
     workdir = Path(cfg.runtime.workdir)
-    print(f"config {display_path(args.config or DEFAULT_CONFIG)} | workdir {workdir} | "
+    print(f"config {display_path(config_path(args.config or DEFAULT_CONFIG))} | workdir {workdir} | "
           f"stages {','.join(s.name for s in selected)}{' (--force)' if args.force else ''}", flush=True)
     tracker = Tracker(tracking_uri=tracking_uri_for(workdir), experiment=cfg.name, workdir=workdir)
     report = run_stages(cfg, stages=stages, selected=selected, tracker=tracker, force=args.force,

@@ -4,7 +4,7 @@
 
 Sections (docs/CONTRACTS.md): data, model, proposals, train, detect, tune,
 evaluate, runtime. The loading and validation rules are generic and live in
-pipeline/schema.py; this module fixes the root type and the defaults.
+ion/schema.py; this module fixes the root type and the defaults.
 """
 from __future__ import annotations
 
@@ -14,19 +14,54 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ion.config import ModelConfig
 from ion.data.config import DataConfig
+from ion.errors import UserError
+from ion.modeling.config import ModelConfig
+from ion.schema import Origin, apply_override, build, display_path, read_layered, section_json, to_yaml
 from pipeline.config_docs import config_reference as _reference_of
 from pipeline.runtime import RuntimeConfig
-from pipeline.schema import Origin, apply_override, build, display_path, read_layered, section_json, to_yaml
 from proposals.config import ProposalsConfig
 from stages.config import DetectConfig, EvaluateConfig, TrainConfig, TuneConfig
 
-__all__ = ["Config", "DEFAULT_CONFIG", "PROJECT_ROOT", "RuntimeConfig", "config_reference", "load_config",
+__all__ = ["CONFIGS_DIR", "Config", "DEFAULT_CONFIG", "PROJECT_ROOT", "config_path", "RuntimeConfig", "config_reference", "load_config",
            "section_json", "to_yaml"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "default.yaml"
+CONFIGS_DIR = PROJECT_ROOT / "configs"  # the configs package, in a checkout and when installed
+DEFAULT_CONFIG = CONFIGS_DIR / "default.yaml"
+# A source checkout has its pyproject.toml beside the packages; an installed package has not.
+IS_CHECKOUT = (PROJECT_ROOT / "pyproject.toml").is_file()
+
+
+def config_path(text: str | Path) -> Path:
+    """--config: a file path, or the name of a shipped config (`smoke`, `coco_ion`,
+    `ablations/global`), looked up in the configs package when no such file exists."""
+    path = Path(text)
+    if path.exists():
+        return path
+    for candidate in (CONFIGS_DIR / f"{text}.yaml", CONFIGS_DIR / str(text)):
+        if candidate.is_file():
+            return candidate
+    return path
+
+
+def shipped_configs() -> list[str]:
+    """Names of the shipped configs, as --config accepts them."""
+    return sorted(str(p.relative_to(CONFIGS_DIR).with_suffix("")) for p in CONFIGS_DIR.rglob("*.yaml"))
+
+
+def _path_base(folder: Path) -> Path:
+    """What relative paths in a config file in `folder` are relative to: the
+    file's folder; for a config shipped inside an installed package, the same
+    place under the current directory, so its `../workdir` and `../data` mean
+    ./workdir and ./data wherever the user runs it."""
+    if IS_CHECKOUT:
+        return folder
+    try:
+        inside = Path(folder).resolve().relative_to(CONFIGS_DIR.resolve())
+    except ValueError:
+        return folder
+    return Path.cwd() / "configs" / inside
 
 
 @dataclass(frozen=True)
@@ -34,7 +69,7 @@ class Config:
     name: str = field(default="default", metadata={"help": "run name: the MLflow experiment runs are filed under"})
     seed: int = field(default=0, metadata={"help": "seed of every random choice (data, sampling, init)", "min": 0})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "datasets and splits (ion/data/config.py)"})
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the ION detector (ion/config.py)"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the ION detector (ion/modeling/config.py)"})
     proposals: ProposalsConfig = field(
         default_factory=ProposalsConfig, metadata={"help": "proposal sources and mixing (proposals/config.py)"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training phases (stages/config.py)"})
@@ -59,8 +94,12 @@ def load_config(path: Path, overrides: Sequence[str] = (), *, workdir: Path | No
     `workdir` (the --workdir flag) replaces `runtime.workdir`; the returned
     `runtime.workdir` is always absolute.
     """
-    path = Path(path)
-    cfg = build(Config, read_layered(path), origin=Origin(label=display_path(path), base_dir=path.parent))
+    path = config_path(path)
+    if not path.exists():
+        raise UserError(f"{display_path(path)}: no such config file (give a path, or one of the shipped configs: "
+                        f"{', '.join(shipped_configs())})")
+    cfg = build(Config, read_layered(path, path_base=_path_base),
+                origin=Origin(label=display_path(path), base_dir=_path_base(path.parent)))
     for text in overrides:
         cfg = apply_override(cfg, text)
     chosen = workdir if workdir is not None else cfg.runtime.workdir

@@ -11,7 +11,7 @@ import json
 import typing
 from typing import Any
 
-from pipeline.schema import bounds_text, describe_type, field_default, fields_of, to_plain
+from ion.schema import bounds_text, describe_type, field_default, fields_of, to_plain
 
 
 def _help(cls: type, f: dataclasses.Field) -> str:

@@ -15,7 +15,7 @@ from types import ModuleType
 from typing import Any, Callable, Sequence
 
 from ion.errors import UserError
-from pipeline.schema import section_json
+from ion.schema import section_json
 
 # DESIGN.md, "Data flow": every stage consumes only stages listed before it.
 STAGE_NAMES = ("data", "proposals", "train", "detect", "tune", "evaluate")

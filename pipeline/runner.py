@@ -15,11 +15,12 @@ from typing import Any, Sequence
 
 from ion.errors import UserError
 from pipeline.cluster import Cluster
-from pipeline.context import RunContext, StageResult
 from pipeline.graph import SHORT_KEY, Stage, cache_keys
-from pipeline.schema import to_plain, to_yaml
+from pipeline.run_context import RunContext
+from ion.schema import to_plain, to_yaml
 from pipeline.store import MANIFEST, ArtifactStore
 from pipeline.tracking import FAILED, FINISHED, KILLED, TrackedRun, Tracker, ui_hint
+from stages.contract import StageResult
 
 PLOTS_DIR = "plots"
 _SUMMARY_METRICS = 6  # headline metrics per stage in the end summary

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any, Iterator
 from filelock import FileLock, Timeout
 
 from ion.errors import UserError
+from ion.atomic import TMP_SUFFIX, write_text_atomic
 
 MANIFEST = "manifest.json"
 _HASH_CHUNK = 1 << 20
@@ -33,16 +33,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(_HASH_CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `path.tmp`, flush it to disk, then rename over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ArtifactStore:
@@ -116,7 +106,7 @@ class ArtifactStore:
         files = {}
         for path in sorted(p for p in out.rglob("*") if p.is_file()):
             rel = path.relative_to(out).as_posix()
-            if rel in (MANIFEST, MANIFEST + ".tmp"):
+            if rel == MANIFEST or rel.endswith(TMP_SUFFIX):
                 continue
             files[rel] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
         manifest = {

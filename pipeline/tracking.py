@@ -29,7 +29,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH  # noqa: E402
 
 from pipeline.runtime import MLFLOW_DB, tracking_uri_for  # noqa: E402
-from pipeline.schema import flatten  # noqa: E402
+from ion.schema import flatten  # noqa: E402
 
 __all__ = ["FAILED", "FINISHED", "KILLED", "TrackedRun", "Tracker", "tracking_uri_for", "ui_hint"]
 

@@ -17,7 +17,7 @@ Worker side: `WorkerSession` gives the rank, world size, device, the state to
 resume from, and `save(state, event)`, the ion.train_loop checkpoint callback
 that reports to Ray Train.
 
-Gradients are all-reduced by ion/train_loop.py itself instead of wrapping the
+Gradients are all-reduced by ion/engine/ itself instead of wrapping the
 model in DistributedDataParallel (ray.train.torch.prepare_model): DDP fixes at
 construction which parameters carry gradients, and the frozen groups change
 from one phase to the next.
@@ -37,25 +37,17 @@ import ray.train.torch
 import torch
 
 from ion.errors import UserError
-from ion.train_loop import CheckpointEvent, NonFiniteLossError, load_checkpoint, write_checkpoint
+from ion.engine.checkpoint import CheckpointEvent, load_checkpoint, write_checkpoint
+from ion.engine.loop import NonFiniteLossError
 from pipeline.cluster import cluster_gpus, init_ray
-from pipeline.runtime import RuntimeConfig
+from stages.contract import RuntimeConfig, TrainerOutcome, TrainerSetup
+from ion.atomic import atomic_path
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Ray Train keeps the `keep_checkpoints` reports with the highest score (and
 # always the latest): phase ends score above every rolling checkpoint.
 KEEP_SCORE = "keep_score"
 _PHASE_END_BONUS = 1e15
-
-
-@dataclass(frozen=True)
-class TrainerSetup:
-    num_workers: int
-    use_gpu: bool
-    storage_dir: Path  # RunConfig.storage_path: under the stage's artifact dir (shared storage on a cluster)
-    name: str  # RunConfig.name: the same storage_dir + name resumes
-    max_failures: int  # FailureConfig.max_failures
-    keep_checkpoints: int  # phase-end checkpoints to keep + 1 rolling
 
 
 @dataclass(frozen=True)
@@ -70,18 +62,9 @@ class ReportedCheckpoint:
 
     def copy_to(self, path: Path) -> Path:
         """Copy its state file to `path` (atomically), from wherever the storage is."""
-        tmp = Path(path).with_name(Path(path).name + ".tmp")
-        with self.checkpoint.as_directory() as directory:
+        with self.checkpoint.as_directory() as directory, atomic_path(path) as tmp:
             shutil.copyfile(Path(directory) / CHECKPOINT_FILE, tmp)
-        os.replace(tmp, path)
         return Path(path)
-
-
-@dataclass(frozen=True)
-class TrainerOutcome:
-    return_value: Any  # what worker_fn returned on rank 0
-    checkpoints: list[ReportedCheckpoint]  # kept ones, oldest first
-    latest: Optional[ReportedCheckpoint]
 
 
 def use_ray_train(runtime: RuntimeConfig) -> tuple[bool, bool]:
@@ -217,7 +200,7 @@ class WorkerSession:
 
 def _worker_entry(config: dict[str, Any]) -> Any:
     """TorchTrainer's train_loop_per_worker: run the stage's worker function.
-    A non-finite loss (raised on every worker together, ion/train_loop.py) is
+    A non-finite loss (raised on every worker together, ion/engine/) is
     returned rather than raised, so Ray Train does not retry it."""
     session = WorkerSession()
     try:

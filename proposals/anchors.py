@@ -3,7 +3,7 @@
 Shapes: `Tensor[A, 4]` xyxy boxes centred at (0, 0); placed on a feature map of
 stride `s` they become `Tensor[H * W * A, 4]` in (resized) image coordinates,
 ordered location-major (row, column) then anchor, the order in which
-proposals/rpn.py flattens the head's outputs.
+proposals/rpn/ flattens the head's outputs.
 
 Aspect ratio convention (as in py-faster-rcnn's generate_anchors.py): ratio
 r = h / w, and an anchor of scale s keeps the area s * s, so

@@ -15,7 +15,7 @@ exist only as precomputed files for COCO. The paper's COCO recipe
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from proposals.rpn_config import RpnConfig
+from proposals.rpn.config import RpnConfig
 
 # The sources a mix may name. "bottom_up" is a role, not a source: it stands for
 # whichever of mcg / selective_search `ProposalsConfig.bottom_up` picks, so one

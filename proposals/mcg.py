@@ -28,7 +28,7 @@ import numpy as np
 import scipy.io
 import torch
 
-from ion.box_ops import clip_boxes_xyxy, remove_small
+from ion.ops.box_ops import clip_boxes_xyxy, remove_small
 from ion.errors import UserError
 from proposals.mix import first_unique, top_k_by_score
 

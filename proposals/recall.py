@@ -28,7 +28,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ion.box_ops import box_iou, box_xywh_to_xyxy
+from ion.ops.box_ops import box_iou, box_xywh_to_xyxy
 from ion.errors import UserError
 from ion.figures import save_png
 from proposals.store import ProposalStore
@@ -75,7 +75,7 @@ def load_ground_truth(annotation_file: Union[str, Path]) -> dict[int, GroundTrut
 
 
 def box_iou_numpy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """float64 (A, B) IoU of xyxy boxes a (A, 4) and b (B, 4) (ion.box_ops.box_iou
+    """float64 (A, B) IoU of xyxy boxes a (A, 4) and b (B, 4) (ion.ops.box_ops.box_iou
     in float64, so thresholds such as 0.7 compare exactly); 0 where the union is empty."""
     a = torch.as_tensor(np.asarray(a, dtype=np.float64).reshape(-1, 4))
     b = torch.as_tensor(np.asarray(b, dtype=np.float64).reshape(-1, 4))

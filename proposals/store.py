@@ -10,7 +10,7 @@ Datasets are chunked, gzip-compressed (shuffle filter first) and carry
 HDF5's per-chunk Fletcher-32 checksum, so a corrupted chunk fails the read
 that touches it. The file also records a sha256 over every dataset
 (`verify=True` recomputes it), the counts, the format version and the
-coordinate convention. Files are written to `<name>.tmp` and renamed when
+coordinate convention. Files are written atomically (ion/atomic.py) and renamed when
 complete, so a killed writer never leaves a file that looks finished.
 
 Per-image work that may be killed (selective search, MCG import, RPN
@@ -19,7 +19,6 @@ generation) saves finished images in small atomic shard files through
 """
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Optional, Sequence, Union
@@ -28,6 +27,7 @@ import h5py
 import numpy as np
 
 from ion.errors import UserError
+from ion.atomic import atomic_path
 
 FORMAT = "ion-proposals"
 FORMAT_VERSION = 1
@@ -129,13 +129,12 @@ def write_store(path: Union[str, Path], items: Iterable[Item], attrs: dict, *,
     per-image offsets are held in memory. `compression` None writes
     uncompressed chunks (bench/proposal_store.py compares)."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     checksum = _Checksum()
     image_ids: list[int] = []
     counts: list[int] = []
     seen: set[int] = set()
     has_sources: Optional[bool] = None
-    try:
+    with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             boxes_ds = _create_ragged(f, "boxes", np.float32, 4, compression)
             scores_ds = _create_ragged(f, "scores", np.float32, None, compression)
@@ -196,12 +195,6 @@ def write_store(path: Union[str, Path], items: Iterable[Item], attrs: dict, *,
             f.attrs["boxes_per_image_max"] = int(max(counts, default=0))
             f.attrs["boxes_per_image_mean"] = float(np.mean(counts)) if counts else 0.0
             f.attrs["checksum"] = checksum.hexdigest()
-        with open(tmp, "rb+") as written:
-            os.fsync(written.fileno())  # on disk before the rename makes it visible
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
@@ -417,12 +410,9 @@ def write_shard(directory: Union[str, Path], shard: Shard, items: Iterable[Item]
     if has_sources == {True}:
         arrays["sources"] = np.concatenate([item[3] for item in normalised])
     path = directory / shard.file_name
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
     return path
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,7 +24,8 @@ from ion.data.coco import SPLITS, ValidationReport, build_coco_splits
 from ion.data.config import CocoConfig, SyntheticConfig
 from ion.data.images import load_image
 from ion.data.split import INDEX_FILE
-from pipeline.context import StageContext, StageResult
+from stages.contract import StageContext, StageResult
+from ion.atomic import write_bytes_atomic
 
 NAME = "data"
 VERSION = "1"
@@ -41,14 +41,8 @@ BOX_COLOUR = (255, 235, 0)
 CROWD_COLOUR = (255, 0, 255)
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _write_json_atomic(path: Path, obj: object) -> None:
-    _write_bytes_atomic(path, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
+    write_bytes_atomic(path, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
 
 
 def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResult:
@@ -95,7 +89,7 @@ def _run_synthetic(*, seed: int, syn: SyntheticConfig, out: Path, ctx: StageCont
     for split in SPLITS:
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         for item in ctx.progress(generated[split], desc=f"writing {split} images"):
-            _write_bytes_atomic(out / "images" / item.image["file_name"], item.jpeg)
+            write_bytes_atomic(out / "images" / item.image["file_name"], item.jpeg)
         coco = synthetic.coco_dataset(
             images=[g.image for g in generated[split]],
             annotations=[ann for g in generated[split] for ann in g.annotations],
@@ -197,4 +191,4 @@ def _write_preview(path: Path, images: list[tuple[Image.Image, list[dict]]], cat
         grid.paste(tile, ((k % PREVIEW_COLUMNS) * PREVIEW_TILE, (k // PREVIEW_COLUMNS) * PREVIEW_TILE))
     buffer = io.BytesIO()
     grid.save(buffer, format="PNG")
-    _write_bytes_atomic(path, buffer.getvalue())
+    write_bytes_atomic(path, buffer.getvalue())

@@ -19,11 +19,12 @@ import torch
 
 from ion.data.images import load_image
 from ion.data.split import DetectionSplit
-from ion.inference import predict_raw
-from pipeline.context import StageContext, StageResult
+from ion.inference.predict import predict_raw
+from stages.contract import StageContext, StageResult
 from proposals.store import ProposalStore, Shard, ShardedWriter, write_shard
 from stages.raw_detections import as_item, write_raw
 from stages.train import load_trained_detector
+from stages.worker_cache import cached
 
 NAME = "detect"
 VERSION = "1"
@@ -86,17 +87,10 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
     return StageResult(metrics=metrics, summary=summary)
 
 
-_MODEL_CACHE: dict = {}
-
-
 def _detector(train_dir: str):
-    """The trained detector, loaded once per worker process."""
-    if _MODEL_CACHE.get("dir") != train_dir:
-        _MODEL_CACHE.clear()
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model, model_cfg = load_trained_detector(Path(train_dir), device=device)
-        _MODEL_CACHE.update(dir=train_dir, model=model.eval(), cfg=model_cfg)
-    return _MODEL_CACHE["model"], _MODEL_CACHE["cfg"]
+    """The trained detector and its ModelConfig, loaded once per worker process."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return cached("detector", train_dir, lambda: load_trained_detector(Path(train_dir), device=device))
 
 
 def detect_shard(task: DetectTask) -> int:

@@ -16,7 +16,6 @@ Settings (rows of metrics.json):
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +28,10 @@ from ion.evaluation.coco_eval import coco_eval
 from ion.figures import save_png
 from ion.evaluation.metrics import IOU_THRESHOLDS, MAX_DETS, CocoMetrics
 from ion.evaluation.results import to_coco_results, validate_results, write_results, write_submission_zip
-from ion.tuning import apply_thresholds
-from pipeline.context import StageContext, StageResult
+from ion.inference.tuning import apply_thresholds
+from stages.contract import StageContext, StageResult
 from stages.raw_detections import read_raw
+from ion.atomic import write_json_atomic
 
 NAME = "evaluate"
 VERSION = "1"
@@ -72,9 +72,7 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
         scored[name] = coco_eval(split.annotation_file, to_coco_results(detections[name], split.categories))
     report = {name: _report(m, split) for name, m in scored.items()}
     report["settings"] = {name: {"candidates": which, **params} for name, (which, params) in settings.items()}
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1), encoding="utf-8")
-    os.replace(tmp, out / "metrics.json")
+    write_json_atomic(out / "metrics.json", report)
     _plot_pr(scored, out / "plots" / "pr_curves.png")
     _plot_sizes(scored, out / "plots" / "ap_by_size.png")
 

@@ -1,7 +1,7 @@
 """The proposals stage: train the 22-anchor RPN, compute every proposal source
 for every split, mix them, and report recall (Appendix item 2).
 
-    <out>/rpn.pt                          RPN1 + RPN2 heads on one backbone (proposals/rpn.py)
+    <out>/rpn.pt                          RPN1 + RPN2 heads on one backbone (proposals/rpn/)
     <out>/parts/<group>_<split>/          finished shards of per-image work (resume)
     <out>/sources/<source>_<split>.h5     one proposal store per source and split
     <out>/mixed_<split>.h5                the train mix for train, the test mix for minival/test
@@ -24,14 +24,18 @@ import torch
 
 from ion.data.images import load_image
 from ion.data.split import INDEX_FILE, DetectionSplit
-from pipeline.context import StageContext, StageResult
+from stages.contract import StageContext, StageResult
 from proposals.mcg import load_mcg_proposals, locate_mcg_files
 from proposals.mix import mix_stores
 from proposals.recall import curve_counts, load_ground_truth, plot_recall, store_recall
-from proposals.rpn import VARIANTS, build_rpn, generate_proposals_all, load_rpn, save_rpn, train_rpn
-from proposals.rpn_config import RpnConfig
+from proposals.rpn.generate import generate_proposals_all
+from proposals.rpn.model import VARIANTS, build_rpn, load_rpn, save_rpn
+from proposals.rpn.train import train_rpn
+from proposals.rpn.config import RpnConfig
 from proposals.selective_search import selective_search_isolated
 from proposals.store import ProposalStore, Shard, ShardedWriter, write_shard, write_store
+from stages.worker_cache import cached
+from ion.atomic import write_json_atomic
 
 NAME = "proposals"
 VERSION = "1"
@@ -98,8 +102,7 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
         stores[split_name]["mix"] = path
 
     recall = _recall_report(splits, stores, pcfg.recall.counts, out, ctx)
-    (out / "recall.json.tmp").write_text(json.dumps(recall["json"], indent=1), encoding="utf-8")
-    os.replace(out / "recall.json.tmp", out / "recall.json")
+    write_json_atomic(out / "recall.json", recall["json"])
     metrics.update(recall["metrics"])
     summary.extend(recall["summary"])
     return StageResult(metrics=metrics, summary=summary)
@@ -185,19 +188,13 @@ def _task_settings(group: str, settings: dict, shard: Shard) -> dict:
     return settings
 
 
-_RPN_CACHE: dict[str, torch.nn.Module] = {}
-
-
 def _rpn_model(weights: str, rcfg: RpnConfig) -> torch.nn.Module:
-    """The RPN, loaded once per worker process (a task per shard would reload it)."""
-    stamp = f"{weights}:{os.path.getmtime(weights)}"
-    if stamp not in _RPN_CACHE:
-        _RPN_CACHE.clear()
+    """The RPN, loaded once per worker process (a task per shard would reload it);
+    the file's mtime is in the key, so retrained weights are reloaded."""
+    def load() -> torch.nn.Module:
         model = load_rpn(Path(weights), rcfg)
-        if torch.cuda.is_available():
-            model = model.cuda()
-        _RPN_CACHE[stamp] = model
-    return _RPN_CACHE[stamp]
+        return model.cuda() if torch.cuda.is_available() else model
+    return cached("rpn", (weights, os.path.getmtime(weights)), load)
 
 
 def compute_shard(task: ShardTask) -> int:

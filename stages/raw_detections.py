@@ -16,7 +16,7 @@ import numpy as np
 
 from ion.data.categories import CategoryMap
 from ion.errors import UserError
-from ion.postprocess import Detections
+from ion.inference.postprocess import Detections
 from proposals.store import ProposalStore, write_store
 
 MAX_LABEL = np.iinfo(np.int8).max
@@ -32,7 +32,7 @@ def label_names(categories: CategoryMap) -> list[str]:
 
 
 def as_item(image_id: int, raw: dict[str, np.ndarray]) -> tuple:
-    """A store item from one image's candidate set (ion.inference.predict_raw)."""
+    """A store item from one image's candidate set (ion.inference.predict.predict_raw)."""
     return int(image_id), raw["boxes"], raw["scores"], raw["labels"].astype(np.int8)
 
 

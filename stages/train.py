@@ -20,21 +20,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import types
-import typing
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
-from ion.build import build_detector
-from ion.config import ModelConfig
+from ion.modeling.build import build_detector
+from ion.modeling.config import ModelConfig
 from ion.data.split import DetectionSplit
+from ion.atomic import write_json_atomic
 from ion.errors import UserError
 from ion.figures import save_png
-from ion.train_data import TrainingSamples
-from ion.train_loop import CheckpointFiles, TrainResult, load_checkpoint, train, write_checkpoint
-from pipeline.context import StageContext, StageResult
+from ion.schema import Origin, build
+from ion.data.train_samples import TrainingSamples
+from ion.engine.checkpoint import CheckpointFiles, load_checkpoint, write_checkpoint
+from ion.engine.loop import TrainResult, train
+from stages.contract import StageContext, StageResult, TrainerSetup
 from proposals.store import ProposalStore
 
 NAME = "train"
@@ -57,10 +58,9 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
                         "use a divisor of it")
     split = DetectionSplit.load(Path(inputs["data"]), "train")
     files = CheckpointFiles(out / "checkpoints")
-    distributed, use_gpu = _placement(ctx.runtime)
+    distributed, use_gpu = ctx.train_placement()
     if distributed:
-        result_summary, state = _run_ray(cfg, runtime=ctx.runtime, inputs=inputs, out=out, files=files,
-                                         use_gpu=use_gpu)
+        result_summary, state = _run_ray(cfg, ctx=ctx, inputs=inputs, out=out, files=files, use_gpu=use_gpu)
         for record in state["history"]:
             ctx.log_metrics(_loggable(record), step=int(record["iteration"]))
         mode = f"Ray Train, {workers} worker(s){' on GPUs' if use_gpu else ' on CPUs'}"
@@ -83,7 +83,7 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
         state = files.latest()
         mode = "one process, CPU"
     write_checkpoint({"model": state["model"]}, out / WEIGHTS_FILE)
-    _write_json_atomic(out / MODEL_FILE, {
+    write_json_atomic(out / MODEL_FILE, {
         "model": dataclasses.asdict(cfg.model), "num_classes": split.categories.num_classes,
         "category_ids": list(split.categories.ids), "category_names": list(split.categories.names),
         "weights": WEIGHTS_FILE, "iterations": state["iteration"],
@@ -162,25 +162,17 @@ def train_worker(session, *, cfg, data_dir: str, proposal_files: list[str], fall
             "started_at": result.start_iteration}
 
 
-def _placement(runtime) -> tuple[bool, bool]:
-    """(under Ray Train, with GPUs); Ray is not even imported for one CPU process."""
-    if runtime.train_workers == 1 and runtime.device == "cpu":
-        return False, False
-    from pipeline.train_adapter import use_ray_train
-    return use_ray_train(runtime)
-
-
-def _run_ray(cfg, *, runtime, inputs: dict[str, Path], out: Path, files: CheckpointFiles,
+def _run_ray(cfg, *, ctx: StageContext, inputs: dict[str, Path], out: Path, files: CheckpointFiles,
              use_gpu: bool) -> tuple[dict, dict]:
     """Train under Ray Train, then copy the kept checkpoints into out/checkpoints."""
-    from pipeline.train_adapter import TrainerSetup, run_trainer
     tcfg = cfg.train
+    runtime = ctx.runtime
     setup = TrainerSetup(num_workers=runtime.train_workers, use_gpu=use_gpu, storage_dir=out / "ray",
                          name=RAY_RUN_NAME, max_failures=tcfg.max_failures, keep_checkpoints=len(tcfg.phases) + 1)
     worker_config = {"cfg": cfg, "data_dir": str(inputs["data"]),
                      "proposal_files": [str(p) for p in phase_proposal_files(tcfg, Path(inputs["proposals"]))],
                      "fallback_resume": str(files.last)}
-    outcome = run_trainer(train_worker, worker_config, setup, runtime=runtime)
+    outcome = ctx.run_trainer(train_worker, worker_config, setup)
     for kept in outcome.checkpoints:
         if kept.phase_end:
             kept.copy_to(files.phase_path(kept.phase_index, kept.phase_name))
@@ -235,39 +227,8 @@ def load_trained_detector(train_dir: Path, *, device: torch.device) -> tuple[tor
         raise UserError(f"{path}: unreadable ({err}); rerun the train stage: "
                         "python -m pipeline run --stages train --force") from None
     # The trained weights replace ImageNet's: do not read that file again.
-    model_cfg = dataclasses.replace(_from_json(ModelConfig, spec["model"]), imagenet_weights=None)
+    saved = build(ModelConfig, spec["model"], origin=Origin(label=f"{path}: model", base_dir=train_dir))
+    model_cfg = dataclasses.replace(saved, imagenet_weights=None)
     model = build_detector(model_cfg, num_classes=int(spec["num_classes"]))
     model.load_state_dict(load_checkpoint(train_dir / spec["weights"])["model"])
     return model.to(device).eval(), model_cfg
-
-
-def _from_json(cls, data: Any) -> Any:
-    """A frozen config dataclass from its dataclasses.asdict JSON (lists back to tuples)."""
-    hints = typing.get_type_hints(cls)
-    values = {f.name: _value_from_json(hints[f.name], data[f.name]) for f in dataclasses.fields(cls)
-              if f.init and f.name in data}
-    return cls(**values)
-
-
-def _value_from_json(hint: Any, value: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if value is None:
-        return None
-    if dataclasses.is_dataclass(hint):
-        return _from_json(hint, value)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _value_from_json(options[0], value) if len(options) == 1 else value
-    if origin is tuple:
-        args = typing.get_args(hint)
-        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
-        return tuple(_value_from_json(a, v) for a, v in zip(items, value))
-    if origin is dict:
-        return dict(value)
-    return value
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
-    os.replace(tmp, path)

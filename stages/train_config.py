@@ -8,7 +8,7 @@ that bounds cannot say.
 The number of data-parallel workers is `runtime.train_workers` (not part of
 the cache key: N workers see the same images per update as one process that
 accumulates them). The image order is not a field here either: it comes from the root `seed` (an
-epoch-wise permutation of the training images, ion/train_loop.py), so ablation
+epoch-wise permutation of the training images, ion/engine/), so ablation
 variants with the same seed see the same images in the same order (Sec. 4.1).
 
 The paper's schedules as phase lists (Sec. 4.1 and the Appendix):
@@ -132,7 +132,7 @@ class TrainConfig:
         default="caffe",
         metadata={"help": "caffe (the paper's framework): the velocity includes the lr it was built with, so an lr "
                           "change applies only to new gradients; pytorch: torch.optim.SGD's buffer, whose whole "
-                          "content is scaled by the current lr (ion/train_loop.py explains)"})
+                          "content is scaled by the current lr (ion/engine/ explains)"})
     checkpoint_every: int = field(
         default=100, metadata={"help": "write checkpoints/last.pt every N iterations (and at phase ends)",
                                "min": 1})

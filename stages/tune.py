@@ -16,8 +16,6 @@ many workers there are.
 """
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +27,11 @@ from ion.data.split import DetectionSplit
 from ion.errors import UserError
 from ion.evaluation.evaluator import Evaluator
 from ion.figures import save_png
-from ion.tuning import Thresholds, objective
-from pipeline.context import StageContext, StageResult
+from ion.inference.tuning import Thresholds, objective
+from stages.contract import StageContext, StageResult
 from stages.raw_detections import read_raw
+from stages.worker_cache import cached
+from ion.atomic import write_json_atomic
 
 NAME = "tune"
 VERSION = "1"
@@ -70,9 +70,7 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
     result = {**_thresholds(best.params), "AP": best.value, "trial": best.number,
               "baseline": {"nms_iou": tcfg.baseline_nms_iou, "vote_iou": None, "AP": baseline},
               "trials": len(trials), "sampler": tcfg.sampler, "candidates": raw_path.name}
-    tmp = out / "best.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
-    os.replace(tmp, out / "best.json")
+    write_json_atomic(out / "best.json", result)
     (out / "plots").mkdir(exist_ok=True)
     _plot_history(trials, baseline, out / "plots" / "history.png")
     _plot_contour(trials, out / "plots" / "contour.png")
@@ -152,17 +150,12 @@ def _thresholds(params: dict) -> dict:
             "max_dets": params.get("max_dets", Thresholds.__dataclass_fields__["max_dets"].default)}
 
 
-_CACHE: dict = {}
-
-
 def trial_ap(task: dict) -> float:
     """A Ray task: AP@[.5:.95] of one threshold setting on the cached candidates.
     Candidates and ground truth are loaded once per worker process."""
-    key = (task["raw"], task["gt"])
-    if _CACHE.get("key") != key:
-        _CACHE.clear()
-        _CACHE.update(key=key, raw=read_raw(Path(task["raw"])), evaluator=Evaluator(task["gt"]))
-    return objective(_CACHE["evaluator"], _CACHE["raw"], Thresholds(**_thresholds(task["params"])))
+    evaluator, raw = cached("tune", (task["raw"], task["gt"]),
+                            lambda: (Evaluator(task["gt"]), read_raw(Path(task["raw"]))))
+    return objective(evaluator, raw, Thresholds(**_thresholds(task["params"])))
 
 
 # ----------------------------------------------------------------------------- plots

@@ -9,7 +9,6 @@ with COCO's category ids and boxes in original-image pixels.
 from __future__ import annotations
 
 import json
-import os
 import re
 import zipfile
 from collections.abc import Mapping
@@ -21,7 +20,8 @@ from ion.data.categories import CategoryMap
 from ion.errors import UserError
 from ion.evaluation.evaluator import flatten_detections
 from ion.evaluation.ground_truth import GroundTruth, load_coco_dataset
-from ion.postprocess import Detections
+from ion.inference.postprocess import Detections
+from ion.atomic import atomic_path, write_text_atomic
 
 # 0.01 px is far below annotation accuracy; 6 decimals tie only scores closer
 # than 1e-6. Rounding makes the test-dev file (about 2M detections) ~40%
@@ -45,12 +45,8 @@ def to_coco_results(detections_per_image: Mapping[int, Detections], categories: 
 
 
 def write_results(path: Path, results: list[dict]) -> None:
-    """Write the results JSON at `path` atomically (tmp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(results, f, separators=(",", ":"))
-    os.replace(tmp, path)
+    """Write the results JSON at `path` atomically (ion/atomic.py)."""
+    write_text_atomic(path, json.dumps(results, separators=(",", ":")))
 
 
 def validate_results(results: list, gt: GroundTruth, *, source: str = "results") -> None:
@@ -95,8 +91,7 @@ def write_submission_zip(out_dir: Path, results: list[dict], *, algorithm: str,
     results as `detections_<test_set>_<alg>_results.json`, atomically. Returns the zip's path."""
     name = submission_name(algorithm=algorithm, test_set=test_set)
     path = Path(out_dir) / f"{name}.zip"
-    tmp = path.with_name(path.name + ".tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr(f"{name}.json", json.dumps(results, separators=(",", ":")))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr(f"{name}.json", json.dumps(results, separators=(",", ":")))
     return path

@@ -2,9 +2,9 @@ import pytest
 import torch
 import torchvision
 
-from ion.backbone import VGG16Backbone, load_vgg16_imagenet
+from ion.modeling.backbone import VGG16Backbone, load_vgg16_imagenet
 from ion.errors import UserError
-from ion.heads import DetectionHeads, load_vgg16_fc67
+from ion.modeling.heads import DetectionHeads, load_vgg16_fc67
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +164,9 @@ def test_unknown_group_is_rejected():
 
 
 def test_build_detector_loads_imagenet_weights(vgg16_file):
-    from ion.build import build_detector
-    from ion.config import ModelConfig
-    from ion.context import ContextConfig
+    from ion.modeling.build import build_detector
+    from ion.modeling.config import ModelConfig
+    from ion.modeling.context import ContextConfig
 
     path, state = vgg16_file
     cfg = ModelConfig(imagenet_weights=str(path), context=ContextConfig(kind="none"), pool_from=("conv4", "conv5"))

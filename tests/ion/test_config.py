@@ -1,7 +1,7 @@
 import pytest
 
-from ion.config import InputConfig, ModelConfig, RoiSamplingConfig
-from ion.context import ContextConfig
+from ion.modeling.config import InputConfig, ModelConfig, RoiSamplingConfig
+from ion.modeling.context import ContextConfig
 
 
 def test_defaults_are_the_papers_model():

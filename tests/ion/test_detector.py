@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from ion.build import build_detector
-from ion.config import ModelConfig
-from ion.context import ContextConfig
+from ion.modeling.build import build_detector
+from ion.modeling.config import ModelConfig
+from ion.modeling.context import ContextConfig
 
 K = 3
 

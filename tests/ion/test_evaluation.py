@@ -19,7 +19,7 @@ from ion.evaluation.evaluator import Evaluator, flatten_detections
 from ion.evaluation.metrics import STAT_NAMES
 from ion.evaluation.results import (submission_name, to_coco_results, validate_results, write_results,
                                     write_submission_zip)
-from ion.postprocess import Detections
+from ion.inference.postprocess import Detections
 
 # ../shared/data/cocoapi-fake/README.md: pycocotools 2.0.11, iouType "bbox"
 README_STATS = (0.5045806987, 0.6969727247, 0.5729816670, 0.5856257209, 0.5193996948, 0.5013978986,
@@ -196,7 +196,7 @@ def test_results_json_is_accepted_by_pycocotools(mini_gt, tmp_path):
     assert results[1]["category_id"] == categories.ids[2]
     path = tmp_path / "results.json"
     write_results(path, results)
-    assert not (tmp_path / "results.json.tmp").exists()
+    assert not list(tmp_path.glob("*.tmp"))
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = mini_gt

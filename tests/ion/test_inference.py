@@ -1,13 +1,13 @@
 import numpy as np
 import torch
 
-from ion.box_ops import clip_boxes_xyxy, decode_boxes
-from ion.build import build_detector
-from ion.config import ModelConfig
-from ion.context import ContextConfig
-from ion.detector import IONDetector
-from ion.inference import predict_raw
-from ion.transforms import prepare
+from ion.ops.box_ops import clip_boxes_xyxy, decode_boxes
+from ion.modeling.build import build_detector
+from ion.modeling.config import ModelConfig
+from ion.modeling.context import ContextConfig
+from ion.modeling.detector import IONDetector
+from ion.inference.predict import predict_raw
+from ion.data.transforms import prepare
 
 K = 3
 WEIGHTS = (10.0, 10.0, 5.0, 5.0)

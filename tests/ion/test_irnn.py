@@ -1,4 +1,4 @@
-"""IRNN context (ion/irnn.py, ion/context.py) and the segmentation regulariser (ion/seg_head.py).
+"""IRNN context (ion/modeling/irnn.py, ion/modeling/context.py) and the segmentation regulariser (ion/modeling/seg_head.py).
 
 Fast path against reference path: the closed-form scan against the loop, the
 batched learned-Whh scan against a per-row matrix-vector loop; the receptive
@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ion.context import ContextConfig, IRNNContext, build_context
-from ion.irnn import (
+from ion.modeling.context import ContextConfig, IRNNContext, build_context
+from ion.modeling.irnn import (
     DIRECTIONS,
     FourDirectionIRNN,
     divide_by_steps,
@@ -22,7 +22,7 @@ from ion.irnn import (
     relu_scan_loop,
     steps_taken,
 )
-from ion.seg_head import CROWD_LABEL, SEG_IGNORE, SegmentationHead, bilinear_kernel, seg_loss, seg_targets
+from ion.modeling.seg_head import CROWD_LABEL, SEG_IGNORE, SegmentationHead, bilinear_kernel, seg_loss, seg_targets
 
 SHAPES = [(2, 3, 4, 5), (1, 2, 1, 6), (1, 2, 5, 1), (1, 1, 1, 1), (2, 3, 7, 3)]
 

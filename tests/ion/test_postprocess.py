@@ -5,7 +5,7 @@ import pytest
 import torch
 import torchvision
 
-from ion.postprocess import Detections, nms_per_class, postprocess
+from ion.inference.postprocess import Detections, nms_per_class, postprocess
 
 
 def _iou(a, b) -> float:

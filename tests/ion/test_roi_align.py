@@ -2,8 +2,8 @@ import pytest
 import torch
 import torchvision
 
-from ion.roi_align import roi_align_sparse, sampling_matrix
-from ion.skip_pool import ROI_ALIGN_SAMPLING, roi_pool_map
+from ion.ops.roi_align import roi_align_sparse, sampling_matrix
+from ion.modeling.skip_pool import ROI_ALIGN_SAMPLING, roi_pool_map
 
 
 def rois_around(*, count: int, height: int, width: int, stride: int, seed: int = 0) -> torch.Tensor:
@@ -50,7 +50,7 @@ def test_an_roi_far_outside_pools_zero_and_no_rois_give_an_empty_result():
 
 def test_skip_pooling_uses_it_on_the_cpu_for_training_and_test(monkeypatch):
     calls = []
-    import ion.skip_pool as skip_pool
+    import ion.modeling.skip_pool as skip_pool
 
     def spy(*args, **kwargs):
         calls.append(1)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from ion.skip_pool import SkipPool, l2_normalize_rois, resample_to
+from ion.modeling.skip_pool import SkipPool, l2_normalize_rois, resample_to
 
 STRIDES = (4, 8, 16)
 CHANNELS = (3, 5, 4)

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from ion.transforms import normalize_image, prepare, resize_scale
+from ion.data.transforms import normalize_image, prepare, resize_scale
 
 
 def test_resize_scale_known_values():

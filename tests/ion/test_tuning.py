@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from ion.evaluation.evaluator import Evaluator
-from ion.postprocess import Detections, postprocess
-from ion.tuning import Thresholds, apply_thresholds, objective
+from ion.inference.postprocess import Detections, postprocess
+from ion.inference.tuning import Thresholds, apply_thresholds, objective
 
 NEIGHBOUR_IOU = 0.42  # IoU of two adjacent objects of the same class
 DUPLICATE_IOU = 0.57  # IoU of a duplicate detection with its object (below the voting interval)

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from pipeline.context import StageResult
+from stages.contract import StageResult
 from pipeline.graph import build_graph
-from pipeline.runtime import RuntimeConfig
+from stages.contract import RuntimeConfig
 
 FAIL_ENV = "FAKE_STAGE_FAIL"  # name of a stage that raises
 DIE_ENV = "FAKE_STAGE_DIE"  # name of a stage that kills its process after its first piece

@@ -16,7 +16,7 @@ from pipeline.ablations import (ABLATIONS_DIR, EXPERIMENT, build_rows, config_ch
 from pipeline.cli import main
 from pipeline.config import DEFAULT_CONFIG, PROJECT_ROOT, load_config
 from pipeline.graph import cache_keys, registered_stages
-from pipeline.schema import to_plain
+from ion.schema import to_plain
 
 SMOKE = PROJECT_ROOT / "configs" / "smoke.yaml"
 ABLATION_FILES = sorted(ABLATIONS_DIR.glob("*.yaml"))
@@ -28,7 +28,7 @@ VGG16_CONV5_CHANNELS = 512
 
 def _expected_model_changes(default) -> dict[str, dict[str, object]]:
     """Variant -> the model leaves it sets (dotted under model); every other model leaf is the default's."""
-    from ion.backbone import scaled_channels
+    from ion.modeling.backbone import scaled_channels
 
     # The reference is the default without its segmentation loss; every other variant
     # extends the reference and changes one thing; seg-loss puts the loss back.

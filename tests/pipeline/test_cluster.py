@@ -12,7 +12,7 @@ from pipeline import cluster
 from pipeline.cluster import Cluster, MapItemError, check_reachable, cluster_gpus, init_ray, ray_map
 from pipeline.graph import build_graph, select_stages
 from pipeline.runner import run_stages
-from pipeline.runtime import RuntimeConfig
+from stages.contract import RuntimeConfig
 from pipeline.tracking import Tracker, tracking_uri_for
 from tests.pipeline import fake_stages
 

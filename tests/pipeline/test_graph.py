@@ -10,7 +10,7 @@ import pytest
 
 from ion.errors import UserError
 from pipeline.graph import STAGE_NAMES, build_graph, cache_keys, registered_names, registered_stages, select_stages
-from pipeline.runtime import RuntimeConfig
+from stages.contract import RuntimeConfig
 from tests.pipeline import fake_stages
 from tests.pipeline.fake_stages import Alpha, Beta, FakeConfig
 

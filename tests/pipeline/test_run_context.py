@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.context import RunContext
-from pipeline.runtime import RuntimeConfig
+from pipeline.run_context import RunContext
+from stages.contract import RuntimeConfig
 
 
 class RecordingMapper:

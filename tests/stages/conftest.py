@@ -62,6 +62,9 @@ class FakeContext:
     def progress(self, iterable, desc, total=None):
         return iterable
 
+    def train_placement(self):
+        return False, False  # one CPU process, as RunContext for train_workers 1 on the CPU
+
 
 def copy_artifact(source: Path, parent: Path) -> Path:
     """A copy of an artifact directory under `parent`, keeping its name (the stage key:

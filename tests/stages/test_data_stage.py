@@ -14,7 +14,7 @@ from ion.data.split import DetectionSplit, instance_masks
 from ion.data.synthetic import CONTEXT_CATEGORY_IDS
 from ion.errors import UserError
 from pipeline.config import PROJECT_ROOT, Config, load_config
-from pipeline.context import StageResult
+from stages.contract import StageResult
 
 
 class FakeContext:

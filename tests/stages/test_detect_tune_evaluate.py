@@ -25,8 +25,8 @@ from ion.evaluation.coco_eval import coco_eval
 from ion.evaluation.evaluator import Evaluator
 from ion.evaluation.metrics import STAT_NAMES
 from ion.evaluation.results import to_coco_results, validate_results
-from ion.inference import predict_raw
-from ion.tuning import Thresholds, apply_thresholds, objective
+from ion.inference.predict import predict_raw
+from ion.inference.tuning import Thresholds, apply_thresholds, objective
 from pipeline.config import PROJECT_ROOT
 from proposals.store import ProposalStore
 from stages.raw_detections import label_names, read_raw

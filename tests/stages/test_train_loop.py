@@ -1,4 +1,4 @@
-"""The training engine (ion/train_loop.py) on a tiny detector-shaped model.
+"""The training engine (ion/engine/) on a tiny detector-shaped model.
 
 TinyDetector has what the loop relies on: forward(image, proposals, targets)
 -> loss dict, backbone.set_frozen(groups), dropout and random ROI sampling
@@ -19,9 +19,10 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from ion.errors import UserError
-from ion.train_loop import (CheckpointFiles, NonFiniteLossError, TrainSample, build_optimizer, enter_phase,
-                            ImageOrder, image_order, load_checkpoint, momentum_buffers, phase_lr, step_positions,
-                            train)
+from ion.engine.checkpoint import CheckpointFiles, load_checkpoint
+from ion.engine.loop import NonFiniteLossError, TrainSample, enter_phase, train
+from ion.engine.optim import build_optimizer, momentum_buffers
+from ion.engine.schedule import ImageOrder, image_order, phase_lr, step_positions
 from stages.train_config import PhaseConfig, TrainConfig
 
 GROUPS = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -32,7 +33,7 @@ SAMPLED_ROIS = 5
 
 
 class TinyBackbone(nn.Module):
-    """Five 3x3 convs named like VGG16's groups; set_frozen as ion/backbone.py."""
+    """Five 3x3 convs named like VGG16's groups; set_frozen as ion/modeling/backbone.py."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -148,7 +149,7 @@ def killing_at(position: int):
 
 
 def _position_of(rng: np.random.Generator) -> int:
-    from ion.train_loop import sample_rng
+    from ion.engine.schedule import sample_rng
     state = rng.bit_generator.state["state"]["state"]
     for position in range(200):
         if sample_rng(seed=3, position=position).bit_generator.state["state"]["state"] == state:
@@ -563,7 +564,7 @@ def write_tiny_split(root: Path, *, num_images: int = 5) -> Path:
 
 def test_training_sample_resizes_flips_and_maps_labels(tmp_path):
     from ion.data.split import DetectionSplit
-    from ion.train_data import training_sample
+    from ion.data.train_samples import training_sample
 
     split = DetectionSplit.load(write_tiny_split(tmp_path) / "data", "train")
     record = split.images[1]
@@ -583,7 +584,7 @@ def test_training_sample_resizes_flips_and_maps_labels(tmp_path):
 
 
 class StageContext:
-    """The parts of pipeline.context.StageContext the train stage uses."""
+    """The parts of stages.contract.StageContext the train stage uses."""
 
     def __init__(self, runtime) -> None:
         self.runtime = runtime
@@ -596,12 +597,15 @@ class StageContext:
     def progress(self, iterable, desc, total=None):
         return iterable
 
+    def train_placement(self):
+        return False, False  # one CPU process, as RunContext for train_workers 1 on the CPU
+
 
 def tiny_stage_config(**train):
     import types
 
-    from ion.config import InputConfig, ModelConfig, RoiSamplingConfig
-    from ion.context import ContextConfig
+    from ion.modeling.config import InputConfig, ModelConfig, RoiSamplingConfig
+    from ion.modeling.context import ContextConfig
 
     model = ModelConfig(width=0.0625, batchnorm=True, pool_from=("conv4", "conv5"), pool_size=3, fc_dim=16,
                         context=ContextConfig(kind="global"), seg_loss_weight=1.0,
@@ -614,7 +618,7 @@ def tiny_stage_config(**train):
 
 
 def test_train_stage_writes_checkpoints_model_and_plots_and_resumes(tmp_path):
-    from pipeline.runtime import RuntimeConfig
+    from stages.contract import RuntimeConfig
     from stages import train as stage
 
     root = write_tiny_split(tmp_path)
@@ -643,7 +647,7 @@ def test_train_stage_writes_checkpoints_model_and_plots_and_resumes(tmp_path):
 
 
 def test_train_stage_user_errors(tmp_path):
-    from pipeline.runtime import RuntimeConfig
+    from stages.contract import RuntimeConfig
     from stages import train as stage
 
     root = write_tiny_split(tmp_path)

@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ion.train_loop import CheckpointFiles, load_checkpoint, train
+from ion.engine.checkpoint import CheckpointFiles, load_checkpoint
+
+from ion.engine.loop import train
 from pipeline.cluster import init_ray, shutdown_ray
-from pipeline.runtime import RuntimeConfig
+from stages.contract import RuntimeConfig
 from pipeline.train_adapter import TrainerSetup, run_trainer
 from stages.train_config import PhaseConfig
 from tests.stages.test_train_loop import NUM_IMAGES, TinyDetector, tiny_sample
@@ -42,7 +44,7 @@ def tiny_worker(session, *, fail_at_position=None, marker=None):
 
 
 def _generator_state(position):
-    from ion.train_loop import sample_rng
+    from ion.engine.schedule import sample_rng
     return sample_rng(seed=SETTINGS["seed"], position=position).bit_generator.state
 
 

@@ -21,7 +21,7 @@ one map each, so skip pooling L2-normalises each on its own.
 Every module here maps conv5 Tensor[N, C, H, W] to a list of maps to ROI-pool
 from, each Tensor[N, C_i, H, W], and lists their channel counts in
 ``out_channels``.  The last map is the top output, the one the segmentation
-regulariser (ion/seg_head.py) reads.
+regulariser (ion/modeling/seg_head.py) reads.
 """
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -29,7 +29,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor, nn
 
-from ion.irnn import DIRECTIONS, FourDirectionIRNN
+from ion.modeling.irnn import DIRECTIONS, FourDirectionIRNN
 
 # Table 7's widths for the convolutional alternatives.
 CONV3_CHANNELS = 512

@@ -10,7 +10,7 @@ import yaml
 
 from ion.errors import UserError
 from pipeline.config_docs import config_reference
-from pipeline.schema import (Origin, apply_override, build, canonical_json, flatten, read_layered, section_json,
+from ion.schema import (Origin, apply_override, build, canonical_json, flatten, read_layered, section_json,
                              to_yaml)
 
 

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ion.box_ops import clip_boxes_xyxy, decode_boxes, flip_boxes_xyxy, flip_deltas
-from ion.detector import FeatureMaps, IONDetector
-from ion.transforms import normalize_image, resize_image, resize_scale
+from ion.ops.box_ops import clip_boxes_xyxy, decode_boxes, flip_boxes_xyxy, flip_deltas
+from ion.modeling.detector import FeatureMaps, IONDetector
+from ion.data.transforms import normalize_image, resize_image, resize_scale
 
 SCORE_THRESH = 0.05  # Sec. 4.1 / Fast R-CNN: candidates below this are never detections
 ROI_CHUNK = 1000  # ROIs per skip-pool/fc pass: bounds memory at 4000 proposals on VGG16

@@ -13,12 +13,12 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ion.backbone import VGG16Backbone
-from ion.heads import DetectionHeads
-from ion.losses import detection_losses
-from ion.sampling import RoiSampler
-from ion.seg_head import CROWD_LABEL, SegmentationHead, seg_loss, seg_targets
-from ion.skip_pool import SkipPool
+from ion.modeling.backbone import VGG16Backbone
+from ion.modeling.heads import DetectionHeads
+from ion.modeling.losses import detection_losses
+from ion.modeling.sampling import RoiSampler
+from ion.modeling.seg_head import CROWD_LABEL, SegmentationHead, seg_loss, seg_targets
+from ion.modeling.skip_pool import SkipPool
 
 
 class FeatureMaps(NamedTuple):
@@ -58,7 +58,7 @@ class IONDetector(nn.Module):
         self.seg_head = seg_head
         self.seg_loss_weight = seg_loss_weight
         self.bbox_weights = sampler.bbox_weights
-        # Normalisation the backbone expects (ion.transforms.normalize_image);
+        # Normalisation the backbone expects (ion.data.transforms.normalize_image);
         # not saved in checkpoints: it comes from the config.
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std), persistent=False)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ion.box_ops import box_ioa, box_iou, encode_boxes
+from ion.ops.box_ops import box_ioa, box_iou, encode_boxes
 
 
 class RoiSample(NamedTuple):

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ion.evaluation.evaluator import Evaluator
-from ion.postprocess import Detections, postprocess
+from ion.inference.postprocess import Detections, postprocess
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Fast R-CNN's multi-task loss: softmax cross entropy over K+1 classes and
 smooth L1 on the ground-truth class's box deltas of foreground ROIs.
 
-The segmentation loss lives with its head (ion/seg_head.py, `seg_loss`).
+The segmentation loss lives with its head (ion/modeling/seg_head.py, `seg_loss`).
 """
 import torch.nn.functional as F
 from torch import Tensor

@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ion.backbone import copy_checked, read_vgg16_state_dict
+from ion.modeling.backbone import copy_checked, read_vgg16_state_dict
 
 
 class DetectionHeads(nn.Module):
     """forward(x Tensor[R, C, S, S]) -> (class logits Tensor[R, K+1], box deltas Tensor[R, K, 4]).
 
     Deltas are per foreground class (no background deltas), coded by
-    `ion.box_ops.encode_boxes`.
+    `ion.ops.box_ops.encode_boxes`.
     """
 
     def __init__(self, *, in_channels: int, pool_size: int, fc_dim: int, num_classes: int, dropout: float = 0.0):

@@ -1,5 +1,5 @@
 """RpnConfig: the modified RPN of the Appendix (item 2): anchors, head, training
-schedule and proposal generation. Read only by proposals/rpn.py's factory
+schedule and proposal generation. Read only by proposals/rpn/'s factory
 `build_rpn` and by its training and generation functions.
 
 Defaults are the paper's COCO recipe on full-size images (VGG16, shorter side

@@ -25,69 +25,34 @@ or on where a run was interrupted. Checkpoints are written only between
 updates; a run killed inside an accumulation redoes that update from its first
 image. On CPU a resumed run ends bitwise equal to an uninterrupted one.
 
-Momentum: Caffe vs PyTorch (the Appendix's "0.99 momentum, lr / 10").
-  Caffe keeps the velocity in weight units, v <- m v + lr g; w <- w - v.
-  torch.optim.SGD keeps b <- m b + g; w <- w - lr b, so its "velocity" is lr * b.
-  At a constant lr the two are the same update. When lr changes they differ:
-  PyTorch applies the new lr to everything the buffer remembers, Caffe only to
-  the new gradient. Across a phase boundary from lr 1e-5 to 1e-4, PyTorch's
-  first steps are 10x the velocity Caffe would carry over; going from momentum
-  0.9 at lr 1e-3 to 0.99 at lr 1e-4, the steady-state step is the same in both
-  (lr g / (1 - m) = 1e-3 g / 0.1 = 1e-4 g / 0.01 = 1e-2 g), but PyTorch's step
-  drops to a tenth at the switch and needs ~1 / (1 - 0.99) = 100 iterations
-  to build back up, while Caffe's stays at 1e-2 g without a jump.
-  momentum_semantics="caffe" (the default) reproduces Caffe exactly: whenever
-  a parameter group's lr changes from lr_old to lr_new (every iteration under
-  the exponential decay, and at phase boundaries), its momentum buffers are
-  multiplied by lr_old / lr_new, so lr_new * b equals Caffe's v.
-  "pytorch" leaves the buffers alone.
+The momentum semantics ("caffe" or "pytorch") are explained in ion/engine/optim.py.
 """
 from __future__ import annotations
 
 import math
-import os
-import random
-import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ion.engine.checkpoint import CHECKPOINT_FORMAT, CheckpointEvent, capture_rng_state, load_checkpoint, restore_rng_state
+from ion.engine.optim import build_optimizer, set_dropout, set_frozen, set_hyperparameters
+from ion.engine.schedule import (ImageOrder, PhaseSpec, model_seed, phase_lr, sample_rng, seed_model_rng,
+                                 step_positions)
 from ion.errors import UserError
 
-CHECKPOINT_FORMAT = 1
-# Streams of the seed (numpy SeedSequence entropy): independent random numbers
-# for the image order, the per-image sample (flip) and the per-image model RNG.
-ORDER_STREAM, SAMPLE_STREAM, MODEL_STREAM = 0, 1, 2
 AUTOCAST_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-GROUP_KEYS = ("params", "name", "lr_mult", "weight_decay_mult")
-
-
-class PhaseSpec(Protocol):
-    """What the loop reads of a phase (stages/train_config.py PhaseConfig has these)."""
-
-    name: str
-    iterations: int
-    frozen: tuple[str, ...]
-    lr_start: float
-    lr_end: float
-    momentum: float
-    weight_decay: float
-    dropout: bool
-    reset_momentum: bool
-    init_from: Optional[str]
-    init_optimizer: bool
 
 
 @dataclass(frozen=True)
 class TrainSample:
-    """One image ready for the model (ion/train_data.py builds it).
+    """One image ready for the model (ion/data/train_samples.py builds it).
 
     image: Tensor[1, 3, H, W] float32, resized and normalised
     proposals: Tensor[P, 4] float32 xyxy in resized-image coordinates
@@ -98,16 +63,6 @@ class TrainSample:
     proposals: Tensor
     targets: dict[str, Any]
 
-
-@dataclass(frozen=True)
-class CheckpointEvent:
-    """Why a checkpoint is written: after `iteration` updates; `phase_end` when
-    phase `phase_index` just finished (the file to keep as phase<i>_<name>.pt)."""
-
-    iteration: int
-    phase_index: int
-    phase_name: str
-    phase_end: bool
 
 
 @dataclass(frozen=True)
@@ -123,262 +78,6 @@ class NonFiniteLossError(RuntimeError):
     """A loss or the gradient norm was NaN or infinite: training stopped before
     the update, so no checkpoint holds the bad state."""
 
-
-# ---------------------------------------------------------------- schedule and data order
-
-
-def phase_lr(phase: PhaseSpec, i: int) -> float:
-    """Learning rate of iteration i (0-based) of a phase: exponential decay from
-    lr_start at i = 0 to lr_end at i = iterations - 1 (Sec. 4.1):
-    lr_i = lr_start * (lr_end / lr_start) ** (i / (iterations - 1))."""
-    n = phase.iterations
-    assert 0 <= i < n
-    if i == 0:
-        return float(phase.lr_start)
-    if i == n - 1:
-        return float(phase.lr_end)
-    return float(phase.lr_start * (phase.lr_end / phase.lr_start) ** (i / (n - 1)))
-
-
-def image_order(*, seed: int, epoch: int, num_images: int) -> np.ndarray:
-    """int64 (num_images,): the image indices of one epoch, a permutation fixed by (seed, epoch)."""
-    return np.random.default_rng([ORDER_STREAM, seed, epoch]).permutation(num_images)
-
-
-class ImageOrder:
-    """Data cursor position -> image index: position c is entry c % n of epoch c // n."""
-
-    def __init__(self, *, seed: int, num_images: int) -> None:
-        if num_images < 1:
-            raise UserError("training split: no images to train on (check the data stage's train split)")
-        self.seed = seed
-        self.num_images = num_images
-        self._epochs: dict[int, np.ndarray] = {}
-
-    def index(self, position: int) -> int:
-        epoch, offset = divmod(position, self.num_images)
-        if epoch not in self._epochs:
-            # Two epochs cached: loading ahead may straddle an epoch boundary.
-            self._epochs = {e: o for e, o in self._epochs.items() if e == epoch - 1}
-            self._epochs[epoch] = image_order(seed=self.seed, epoch=epoch, num_images=self.num_images)
-        return int(self._epochs[epoch][offset])
-
-
-def step_positions(*, iteration: int, images_per_batch: int, rank: int, world_size: int) -> range:
-    """Data cursor positions worker `rank` of `world_size` trains on in update `iteration`.
-
-    The minibatch is positions [iteration * B, (iteration + 1) * B); worker r
-    takes the r-th contiguous block of B / W. With one worker that is the whole
-    minibatch (accumulated), so N workers and one see the same images per update.
-    """
-    assert images_per_batch % world_size == 0 and 0 <= rank < world_size
-    per_worker = images_per_batch // world_size
-    first = iteration * images_per_batch + rank * per_worker
-    return range(first, first + per_worker)
-
-
-def sample_rng(*, seed: int, position: int) -> np.random.Generator:
-    """The Generator the sample at data cursor `position` draws from (e.g. its flip)."""
-    return np.random.default_rng([SAMPLE_STREAM, seed, position])
-
-
-def model_seed(*, seed: int, position: int) -> int:
-    """The torch seed set before the model's pass over the image at `position`."""
-    return int(np.random.SeedSequence([MODEL_STREAM, seed, position]).generate_state(1, dtype=np.uint64)[0])
-
-
-def seed_model_rng(value: int, device: torch.device) -> None:
-    """Seed the torch generators the model's pass draws from: the CPU one and,
-    on a GPU, that device's. (torch.manual_seed would also queue a lazy seed
-    call for every other device type each time: ~1 ms per image.)"""
-    torch.default_generator.manual_seed(value)
-    if device.type == "cuda":
-        torch.cuda.default_generators[device.index if device.index is not None
-                                      else torch.cuda.current_device()].manual_seed(value)
-
-
-# ---------------------------------------------------------------- model switches and optimizer
-
-
-def set_dropout(model: nn.Module, enabled: bool) -> None:
-    """Dropout on or off for a phase (Table 1, 'D').
-
-    Calls `model.set_dropout(enabled)` when the model has one; otherwise every
-    nn.Dropout* module gets p = 0 (off) or the p it was built with (on).
-    """
-    if hasattr(model, "set_dropout"):
-        model.set_dropout(enabled)
-        return
-    for module in model.modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd):
-            if not hasattr(module, "built_p"):
-                module.built_p = module.p
-            module.p = module.built_p if enabled else 0.0
-
-
-def set_frozen(model: nn.Module, groups: tuple[str, ...]) -> None:
-    """Freeze backbone groups through `model.backbone.set_frozen` (ion/backbone.py)."""
-    backbone = getattr(model, "backbone", None)
-    if backbone is None or not hasattr(backbone, "set_frozen"):
-        assert not groups, "a phase freezes backbone groups but the model has no backbone.set_frozen"
-        return
-    backbone.set_frozen(tuple(groups))
-
-
-def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """The optimizer's parameter groups: `model.parameter_groups()` when the model
-    has it (dicts with "params" and optional "name", "lr_mult",
-    "weight_decay_mult"), else one group of all parameters. Every parameter
-    must be in exactly one group, frozen ones included: the optimizer is built
-    once and kept across phases."""
-    if hasattr(model, "parameter_groups"):
-        groups = [dict(g) for g in model.parameter_groups()]
-    else:
-        groups = [{"params": list(model.parameters())}]
-    seen: set[int] = set()
-    for g in groups:
-        unknown = sorted(set(g) - set(GROUP_KEYS))
-        if unknown:
-            raise ValueError(f"parameter group {g.get('name', '?')}: unknown keys {unknown} (allowed: {GROUP_KEYS})")
-        g["params"] = list(g["params"])
-        g.setdefault("lr_mult", 1.0)
-        g.setdefault("weight_decay_mult", 1.0)
-        ids = {id(p) for p in g["params"]}
-        if ids & seen or len(ids) != len(g["params"]):
-            raise ValueError("parameter_groups(): a parameter appears twice")
-        seen |= ids
-    missing = [n for n, p in model.named_parameters() if id(p) not in seen]
-    if missing:
-        raise ValueError(f"parameter_groups(): parameters in no group: {missing[:5]}")
-    return groups
-
-
-def build_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    """SGD with momentum over all parameters; built once and kept across phases
-    (docs/CONTRACTS.md, Training): a phase changes only lr, momentum, weight
-    decay and the frozen set."""
-    groups = parameter_groups(model)
-    for g in groups:
-        g["lr"] = lr * g["lr_mult"]
-        g["weight_decay"] = weight_decay * g["weight_decay_mult"]
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
-def momentum_buffers(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[Tensor]:
-    """The existing momentum buffers of `params` (a parameter not yet updated has none)."""
-    buffers = []
-    for p in params:
-        buf = optimizer.state[p].get("momentum_buffer") if p in optimizer.state else None
-        if buf is not None:
-            buffers.append(buf)
-    return buffers
-
-
-def set_hyperparameters(optimizer: torch.optim.Optimizer, *, lr: float, momentum: float, weight_decay: float,
-                        caffe_momentum: bool) -> None:
-    """Set one iteration's lr, momentum and weight decay in every group (times
-    its lr_mult / weight_decay_mult). With `caffe_momentum`, rescale the momentum
-    buffers by lr_old / lr_new so the velocity lr * buffer is carried over
-    unchanged, as Caffe's v = m v + lr g (module docstring)."""
-    for group in optimizer.param_groups:
-        new_lr = lr * group["lr_mult"]
-        if caffe_momentum and group["lr"] != new_lr:
-            ratio = group["lr"] / new_lr
-            for buf in momentum_buffers(optimizer, group["params"]):
-                buf.mul_(ratio)
-        group["lr"] = new_lr
-        group["momentum"] = momentum
-        group["weight_decay"] = weight_decay * group["weight_decay_mult"]
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Every RNG the process uses: python, numpy (global), torch CPU, CUDA (all devices)."""
-    kind, key, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (kind, [int(k) for k in key], int(pos), int(has_gauss), float(gauss)),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(_as_tuples(state["python"]))
-    kind, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
-
-
-def _as_tuples(value: Any) -> Any:
-    """random.setstate wants the nested tuples getstate gave (a round trip may give lists)."""
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def write_checkpoint(state: dict[str, Any], path: Path) -> Path:
-    """torch.save to `<path>.tmp`, flushed to disk, then renamed over `path` (atomic)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint written by `write_checkpoint`, tensors on the CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found (check the path, e.g. a train.phases[i].init_from)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 (any unpickling failure means an unreadable file)
-        raise UserError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err}); "
-                        "point to a checkpoints/*.pt or final.pt written by the train stage") from None
-
-
-class CheckpointFiles:
-    """Checkpoints in one directory: last.pt (rolling, every N iterations and at
-    phase ends) and phase<i>_<name>.pt (kept, one per finished phase)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def last(self) -> Path:
-        return self.directory / "last.pt"
-
-    def phase_path(self, phase_index: int, phase_name: str) -> Path:
-        return self.directory / f"phase{phase_index}_{phase_name}.pt"
-
-    def latest(self) -> Optional[dict[str, Any]]:
-        """The state in last.pt, or None when there is none yet."""
-        return load_checkpoint(self.last) if self.last.is_file() else None
-
-    def __call__(self, state: dict[str, Any], event: CheckpointEvent) -> str:
-        if not event.phase_end:
-            return str(write_checkpoint(state, self.last))
-        kept = write_checkpoint(state, self.phase_path(event.phase_index, event.phase_name))
-        # last.pt becomes a second name of the phase file: renaming over last.pt
-        # later leaves the phase file's data alone.
-        tmp = self.last.with_name(self.last.name + ".tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(kept, tmp)
-        except OSError:
-            shutil.copyfile(kept, tmp)
-        os.replace(tmp, self.last)
-        return str(kept)
-
-
-# ---------------------------------------------------------------- the loop
 
 
 @dataclass

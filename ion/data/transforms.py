@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ion.box_ops import flip_boxes_xyxy
+from ion.ops.box_ops import flip_boxes_xyxy
 
 
 def resize_scale(*, height: int, width: int, min_size: int, max_size: int) -> float:

@@ -1,14 +1,14 @@
 """build_detector: the one place that reads ModelConfig."""
 from pathlib import Path
 
-from ion.backbone import VGG16Backbone, load_vgg16_imagenet, scaled_channels
-from ion.config import POOLABLE, ModelConfig
-from ion.context import build_context
-from ion.detector import IONDetector
-from ion.heads import DetectionHeads, load_vgg16_fc67
-from ion.sampling import RoiSampler
-from ion.seg_head import SegmentationHead
-from ion.skip_pool import SkipPool
+from ion.modeling.backbone import VGG16Backbone, load_vgg16_imagenet, scaled_channels
+from ion.modeling.config import POOLABLE, ModelConfig
+from ion.modeling.context import build_context
+from ion.modeling.detector import IONDetector
+from ion.modeling.heads import DetectionHeads, load_vgg16_fc67
+from ion.modeling.sampling import RoiSampler
+from ion.modeling.seg_head import SegmentationHead
+from ion.modeling.skip_pool import SkipPool
 
 # VGG16's fc6/fc7 width, scaled with the backbone when fc_dim is not given.
 VGG16_FC_DIM = 4096

@@ -1,7 +1,7 @@
 """Test-time post-processing of one image's raw candidates: score threshold,
 per-class NMS, weighted voting (Sec. 4.2, Appendix item 5), top detections.
 
-The input is what `ion.inference.predict_raw` returns for one image: flat
+The input is what `ion.inference.predict.predict_raw` returns for one image: flat
 candidates pooled from both bounding-box regression rounds, every one with a
 class score >= 0.05. The tune stage calls `postprocess` on every minival
 image in every trial, on the same cached candidates, so the cost per call is

@@ -1,4 +1,7 @@
-"""Typed YAML: load YAML into trees of frozen dataclasses, validating every field.
+"""Typed config: YAML and JSON into trees of frozen dataclasses, validating every field.
+
+The one decoder of config dataclasses in the project: pipeline/config.py loads
+run configs with it, and the train stage reads back the model config it saved.
 
 The loader is generic: it works for any dataclass tree that follows the field
 conventions of docs/CONTRACTS.md (allowed types, `help`/`min`/`max`/`path`
@@ -23,7 +26,7 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 import yaml
 
@@ -114,11 +117,13 @@ def parse_yaml(text: str, label: str) -> Any:
         raise UserError(f"{label}: not valid YAML{where}: {problem}") from None
 
 
-def read_layered(path: Path, *, _chain: tuple[Path, ...] = ()) -> dict[str, _Stated]:
+def read_layered(path: Path, *, path_base: Callable[[Path], Path] = lambda folder: folder,
+                 _chain: tuple[Path, ...] = ()) -> dict[str, _Stated]:
     """Read a YAML config file, following `extends: other.yaml` (relative to the file).
 
     Returns the merged top-level mapping; every entry remembers which file stated it,
-    so errors name that file and `path` fields resolve against its directory.
+    so errors name that file and `path` fields resolve against
+    `path_base(its directory)` (by default the directory itself).
     """
     path = Path(os.path.abspath(path))
     label = display_path(path)
@@ -138,7 +143,7 @@ def read_layered(path: Path, *, _chain: tuple[Path, ...] = ()) -> dict[str, _Sta
     if not isinstance(raw, dict):
         raise UserError(f"{label}: expected a mapping of config sections at the top level, "
                         f"got {type(raw).__name__} (start the file with e.g. `name: myrun`)")
-    origin = Origin(label=label, base_dir=path.parent)
+    origin = Origin(label=label, base_dir=path_base(path.parent))
     layered = _stated_mapping(raw, origin)
     parent = layered.pop(EXTENDS_KEY, None)
     if parent is None:
@@ -146,7 +151,8 @@ def read_layered(path: Path, *, _chain: tuple[Path, ...] = ()) -> dict[str, _Sta
     if not isinstance(parent.value, str) or not parent.value:
         raise UserError(f"{label}: {EXTENDS_KEY}: expected the path of another config file, "
                         f"got {_show(parent.value)}")
-    base = read_layered(path.parent / os.path.expanduser(parent.value), _chain=(*_chain, path))
+    base = read_layered(path.parent / os.path.expanduser(parent.value), path_base=path_base,
+                        _chain=(*_chain, path))
     return _merge(base, layered)
 
 

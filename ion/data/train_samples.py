@@ -1,5 +1,5 @@
 """Training samples: one image of the train split with its proposals, ready for
-IONDetector's train-mode forward (ion/detector.py).
+IONDetector's train-mode forward (ion/modeling/detector.py).
 
     samples = TrainingSamples(records=split.images, categories=split.categories,
                               proposal_sets=[store_phase0, store_phase1], min_size=600, max_size=1000,
@@ -23,8 +23,8 @@ import torch
 
 from ion.data.categories import CategoryMap
 from ion.data.split import ImageRecord, instance_masks
-from ion.train_loop import TrainSample
-from ion.transforms import prepare
+from ion.engine.loop import TrainSample
+from ion.data.transforms import prepare
 
 
 class ProposalSource(Protocol):

@@ -1,44 +1,15 @@
-"""What a stage sees of the orchestration: `StageContext` (a Protocol) and `StageResult`.
-
-Stages import only this module from pipeline/: they log and map through `ctx`
-and never touch mlflow or ray (docs/CONTRACTS.md, "Stage API").
-"""
+"""`RunContext`: the orchestrator's side of the stage contract (stages/contract.py):
+a stage's MLflow run, the invocation's Ray, and Ray Train for training stages."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, TypeVar
 
 from tqdm import tqdm
 
-from pipeline.runtime import RuntimeConfig
+from stages.contract import RuntimeConfig, TrainerOutcome, TrainerSetup
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class StageResult:
-    """What `run` returns: headline metrics (logged, shown in the end summary) and summary lines."""
-
-    metrics: dict[str, float] = field(default_factory=dict)
-    summary: list[str] = field(default_factory=list)
-
-
-class StageContext(Protocol):
-    workdir: Path
-    runtime: RuntimeConfig
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        """Log metrics to the stage's MLflow run (e.g. losses per iteration with `step`)."""
-
-    def log_params(self, params: dict) -> None:
-        """Log extra params to the stage's MLflow run (nested dicts become dotted keys)."""
-
-    def map(self, fn: Callable[[Any], T], items: Sequence[Any], desc: str, gpu: bool = False) -> list[T]:
-        """`[fn(item) for item in items]` as Ray tasks, in item order, with a progress bar."""
-
-    def progress(self, iterable: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
-        """`iterable` with a progress bar."""
 
 
 class _Tracked(Protocol):
@@ -74,3 +45,15 @@ class RunContext:
     def progress(self, iterable: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
         # disable=None: a bar on a terminal, nothing in logs and CI.
         return tqdm(iterable, desc=desc, total=total, disable=None, leave=False)
+
+    def train_placement(self) -> tuple[bool, bool]:
+        # Ray is not even imported for one CPU process.
+        if self.runtime.train_workers == 1 and self.runtime.device == "cpu":
+            return False, False
+        from pipeline.train_adapter import use_ray_train
+        return use_ray_train(self.runtime)
+
+    def run_trainer(self, worker_fn: Callable[..., Any], worker_config: dict[str, Any],
+                    setup: TrainerSetup) -> TrainerOutcome:
+        from pipeline.train_adapter import run_trainer
+        return run_trainer(worker_fn, worker_config, setup, runtime=self.runtime)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from ion.roi_align import roi_align_sparse
+from ion.ops.roi_align import roi_align_sparse
 
 RoiOp = Literal["roi_pool", "roi_align"]
 Norm = Literal["none", "blob", "channel"]
@@ -56,7 +56,7 @@ def roi_pool_map(feat: Tensor, boxes: Tensor, *, op: RoiOp, output_size: int, st
         return torchvision.ops.roi_pool(feat, [boxes], output_size=output_size, spatial_scale=scale)
     assert op == "roi_align", op
     if feat.device.type == "cpu":
-        # The same op as a sparse product (ion/roi_align.py): on the CPU its backward
+        # The same op as a sparse product (ion/ops/roi_align.py): on the CPU its backward
         # is 3-5x and its forward 2-4.6x faster than torchvision's kernels (bench/roi_align.py).
         return roi_align_sparse(feat, boxes, output_size=output_size, spatial_scale=scale,
                                 sampling_ratio=ROI_ALIGN_SAMPLING)

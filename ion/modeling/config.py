@@ -1,4 +1,4 @@
-"""ModelConfig: the `model` config section, read only by `ion.build.build_detector`.
+"""ModelConfig: the `model` config section, read only by `ion.modeling.build.build_detector`.
 
 Defaults are the paper's ION (Sec. 3, 4.1): VGG16, skip pooling from conv3,
 conv4, conv5 and the 2x stacked IRNN context, L2 normalisation per ROI blob
@@ -8,8 +8,8 @@ CPU model changes `width`, `batchnorm` and the input sizes.
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from ion.backbone import BLOCK_CHANNELS, scaled_channels
-from ion.context import ContextConfig
+from ion.modeling.backbone import BLOCK_CHANNELS, scaled_channels
+from ion.modeling.context import ContextConfig
 
 # Layers skip pooling can read (Sec. 3.1, Table 4; conv7: Appendix item 3).
 POOLABLE = ("conv2", "conv3", "conv4", "conv5", "conv7", "context")
@@ -105,7 +105,7 @@ class ModelConfig:
 
     # Context (Sec. 3.2) and the segmentation regulariser (Sec. 5.3).
     context: ContextConfig = field(default_factory=ContextConfig, metadata={
-        "help": "context module on conv5 (ion/context.py)"})
+        "help": "context module on conv5 (ion/modeling/context.py)"})
     seg_loss_weight: float = field(default=0.0, metadata={
         "help": "weight of the segmentation loss on the top context map (paper: 1); 0 turns the head off",
         "min": 0.0})

@@ -1,0 +1,79 @@
+"""Atomic file writes: the one way the project writes a file that others read.
+
+A file is written under a temporary name in its own folder, flushed to disk,
+renamed over its final name, and the folder is flushed too, so a reader (or a
+run after a crash or power loss) sees either the old file or the whole new
+one, never a torn one. A failed write removes its temporary file. Temporary
+names are unique per writer, so two processes writing the same file never
+write into each other's temporary file; the last rename wins.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+TMP_SUFFIX = ".tmp"
+
+
+def temporary_name(path: Path) -> Path:
+    """A fresh temporary path beside `path` (same folder, so the rename is atomic)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (the rename itself) to disk; a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path to write `path`'s new content to (by any writer:
+    torch.save, h5py, PIL); when the block ends without an error, the file is
+    flushed and renamed over `path`. On an error it is removed and `path` is
+    left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: Path | str, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text_atomic(path: Path | str, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: Path | str, obj: Any, *, indent: int | None = 1) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=indent))

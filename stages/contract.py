@@ -1,0 +1,120 @@
+"""The stage contract: what a stage receives and returns, and what it may ask
+of the orchestrator. The stages import only this from the orchestration side;
+pipeline/ implements it (pipeline/run_context.py) and knows the stages, so the
+import arrow runs one way.
+
+    def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResult
+
+A stage logs, maps per-item work and runs distributed training through `ctx`;
+it never imports mlflow or ray.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Optional, Protocol, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """The `runtime` config section: where and how the pipeline runs. Never part
+    of a cache key: the same config on a laptop and on a cluster produces the
+    same artifacts."""
+
+    workdir: str = field(
+        default="workdir",
+        metadata={"help": "directory for artifacts/ and mlflow.db (relative: to the config file; "
+                          "--workdir overrides it)", "path": True})
+    device: Literal["auto", "cpu", "cuda"] = field(
+        default="auto", metadata={"help": "where stages run torch: auto = cuda when available, else cpu"})
+    num_workers: int = field(
+        default=2, metadata={"help": "CPUs of the local Ray instance that per-item maps run on", "min": 1})
+    train_workers: int = field(
+        default=1, metadata={"help": "Ray Train workers (one DDP process each)", "min": 1})
+    ray_address: Optional[str] = field(
+        default=None,
+        metadata={"help": "Ray cluster to join (e.g. ray://head:10001 or auto); null: the RAY_ADDRESS "
+                          "environment variable, else a local Ray instance"})
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What `run` returns: headline metrics (logged, shown in the end summary) and summary lines."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    summary: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TrainerSetup:
+    """How to run a distributed training job (Ray Train's TorchTrainer underneath)."""
+
+    num_workers: int
+    use_gpu: bool
+    storage_dir: Path  # where the job keeps its checkpoints (shared storage on a cluster)
+    name: str  # the same storage_dir + name resumes the same job
+    max_failures: int  # dead worker groups restarted from the last checkpoint
+    keep_checkpoints: int  # phase-end checkpoints to keep + 1 rolling
+
+
+class KeptCheckpoint(Protocol):
+    """A checkpoint the training job kept, and what its worker reported with it."""
+
+    iteration: int
+    phase_index: int
+    phase_name: str
+    phase_end: bool
+
+    def copy_to(self, path: Path) -> Path:
+        """Copy its state file to `path`, atomically."""
+
+
+@dataclass(frozen=True)
+class TrainerOutcome:
+    return_value: Any  # what the worker function returned on rank 0
+    checkpoints: list[Any]  # KeptCheckpoint, oldest first
+    latest: Optional[Any]  # KeptCheckpoint or None
+
+
+class TrainSession(Protocol):
+    """What a training worker function gets as its first argument."""
+
+    rank: int
+    world_size: int
+    device: Any  # torch.device
+
+    def resume_state(self) -> Optional[dict[str, Any]]:
+        """The last reported checkpoint's state, or None."""
+
+    def save(self, state: dict[str, Any], event: Any) -> str:
+        """ion.engine's checkpoint callback: store `state`, say where."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log to the stage's MLflow run while training runs (rank 0 only logs)."""
+
+
+class StageContext(Protocol):
+    workdir: Path
+    runtime: RuntimeConfig
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log metrics to the stage's MLflow run (e.g. losses per iteration with `step`)."""
+
+    def log_params(self, params: dict) -> None:
+        """Log extra params to the stage's MLflow run (nested dicts become dotted keys)."""
+
+    def map(self, fn: Callable[[Any], T], items: Sequence[Any], desc: str, gpu: bool = False) -> list[T]:
+        """`[fn(item) for item in items]` as Ray tasks, in item order, with progress."""
+
+    def progress(self, iterable: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
+        """`iterable` with progress."""
+
+    def train_placement(self) -> tuple[bool, bool]:
+        """(train as a distributed job, with GPUs) for runtime.train_workers and the cluster's GPUs."""
+
+    def run_trainer(self, worker_fn: Callable[..., Any], worker_config: dict[str, Any],
+                    setup: TrainerSetup) -> TrainerOutcome:
+        """Run `worker_fn(session: TrainSession, **worker_config)` on setup.num_workers workers."""
+
