@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 from ion.errors import UserError
 from ion.schema import section_json
 
-# DESIGN.md, "Data flow": every stage consumes only stages listed before it.
+# The data flow: every stage consumes only stages listed before it.
 STAGE_NAMES = ("data", "proposals", "train", "detect", "tune", "evaluate")
 NOT_IN_KEYS = ("runtime",)  # where and how a stage runs never changes what it produces
 SHORT_KEY = 12  # characters of a key shown in tables
