@@ -24,6 +24,7 @@ from ion.errors import UserError
 from ion.atomic import TMP_SUFFIX, write_text_atomic
 
 MANIFEST = "manifest.json"
+DAMAGED_MANIFEST = "manifest.damaged.json"
 _HASH_CHUNK = 1 << 20
 
 
@@ -106,7 +107,7 @@ class ArtifactStore:
         files = {}
         for path in sorted(p for p in out.rglob("*") if p.is_file()):
             rel = path.relative_to(out).as_posix()
-            if rel == MANIFEST or rel.endswith(TMP_SUFFIX):
+            if rel in (MANIFEST, DAMAGED_MANIFEST) or rel.endswith(TMP_SUFFIX):
                 continue
             files[rel] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
         manifest = {
@@ -123,6 +124,40 @@ class ArtifactStore:
         }
         write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         return manifest
+
+    def damaged(self, stage: str, key: str) -> list[str]:
+        """Files of an existing output that do not match its manifest ("manifest.json"
+        itself when it cannot be read). HDF5 files are checked by size only: they
+        carry their own per-chunk checksums (fletcher32), checked as they are read,
+        and hashing gigabytes of proposals on every run would cost more than the check
+        is worth."""
+        try:
+            manifest = self.manifest(stage, key)
+        except UserError:
+            return [MANIFEST]
+        if manifest is None:
+            return []
+        out = self.path(stage, key)
+        bad = []
+        for rel, entry in sorted(manifest.get("files", {}).items()):
+            path = out / rel
+            if not path.is_file() or path.stat().st_size != entry.get("bytes"):
+                bad.append(rel)
+            elif path.suffix != ".h5" and file_sha256(path) != entry.get("sha256"):
+                bad.append(rel)
+        return bad
+
+    def set_aside(self, stage: str, key: str, damaged: list[str]) -> None:
+        """Make a damaged output not exist: its manifest renamed to manifest.damaged.json
+        (kept for a look), the damaged files removed, so the rerun recomputes them
+        and resumes from the intact pieces."""
+        out = self.path(stage, key)
+        manifest = out / MANIFEST
+        if manifest.is_file():
+            manifest.replace(out / DAMAGED_MANIFEST)
+        for rel in damaged:
+            if rel != MANIFEST:
+                (out / rel).unlink(missing_ok=True)
 
     def verify(self, stage: str, key: str) -> list[str]:
         """Files of an output whose checksum no longer matches its manifest (missing ones too)."""

@@ -600,6 +600,10 @@ class StageContext:
     def train_placement(self):
         return False, False  # one CPU process, as RunContext for train_workers 1 on the CPU
 
+    def graceful_stop(self):
+        import contextlib
+        return contextlib.nullcontext(lambda: False)
+
 
 def tiny_stage_config(**train):
     import types
