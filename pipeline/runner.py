@@ -182,9 +182,14 @@ def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], store: ArtifactSto
             raise
         seconds = time.perf_counter() - begun
         metrics = {k: float(v) for k, v in result.metrics.items()}
+        made = out
+        out = store.path(stage.name, key)
+        # A --force run made it aside (the old output stayed usable until now): its lines name the final place.
+        summary = [line.replace(str(made), str(out)) for line in result.summary]
         store.write_manifest(stage.name, key, version=stage.version,
                              upstream={u: keys[u] for u in stage.upstream}, run_id=run.run_id,
-                             timings={"run_s": round(seconds, 3)}, metrics=metrics, summary=list(result.summary))
+                             timings={"run_s": round(seconds, 3)}, metrics=metrics, summary=summary, out=made)
+        store.publish(stage.name, key, made)
     run.log_metrics(metrics)
     run.log_file(out / MANIFEST)
     if (out / PLOTS_DIR).is_dir():
@@ -192,7 +197,7 @@ def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], store: ArtifactSto
     run.finish(FINISHED)
     return StageOutcome(name=stage.name, key=key, cached=False, seconds=time.perf_counter() - start,
                         produced_seconds=seconds, path=out, run_id=run.run_id, metrics=metrics,
-                        summary=list(result.summary))
+                        summary=summary)
 
 
 def _reuse(stage: Stage, cfg: Any, *, key: str, store: ArtifactStore, tracker: Tracker, parent: TrackedRun,

@@ -25,6 +25,7 @@ from ion.atomic import TMP_SUFFIX, write_text_atomic
 
 MANIFEST = "manifest.json"
 DAMAGED_MANIFEST = "manifest.damaged.json"
+REPLACING_DIR = ".replacing"  # <stage>/.replacing/<key>/: a --force run's new output until it is complete
 _HASH_CHUNK = 1 << 20
 
 
@@ -89,21 +90,42 @@ class ArtifactStore:
             lock.release()
 
     def prepare(self, stage: str, key: str, *, clear: bool) -> Path:
-        """The output directory, created; `clear` removes what is there first (--force)."""
+        """The directory to produce the output in, created. `clear` (--force) starts
+        afresh: a finished output stays where it is, in use, until the new one is
+        complete (`publish`); the new one is made in `<stage>/.replacing/<key>/`
+        (the same folder name: stages may record it). An unfinished one is removed."""
         out = self.path(stage, key)
+        if clear and self.exists(stage, key):
+            staging = self.root / stage / REPLACING_DIR / key
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+            return staging
         if clear and out.exists():
-            # The manifest goes first: a crash halfway through rmtree must not leave a
-            # manifest over a half-deleted output.
-            (out / MANIFEST).unlink(missing_ok=True)
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         return out
 
+    def publish(self, stage: str, key: str, made: Path) -> Path:
+        """Put an output made by `prepare` in place (its manifest written): for a
+        --force run, the old output goes only now. Returns the output's path."""
+        out = self.path(stage, key)
+        if made == out:
+            return out
+        old = self.root / stage / REPLACING_DIR / f"{key}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        out.replace(old)
+        made.replace(out)
+        shutil.rmtree(old)
+        return out
+
     def write_manifest(self, stage: str, key: str, *, version: str, upstream: dict[str, str],
                        run_id: str | None, timings: dict[str, float], metrics: dict[str, float],
-                       summary: list[str]) -> dict[str, Any]:
-        """Checksum every file of the output and write manifest.json last, atomically."""
-        out = self.path(stage, key)
+                       summary: list[str], out: Path | None = None) -> dict[str, Any]:
+        """Checksum every file of the output (in `out`, default its place) and write
+        manifest.json last, atomically."""
+        out = self.path(stage, key) if out is None else out
         files = {}
         for path in sorted(p for p in out.rglob("*") if p.is_file()):
             rel = path.relative_to(out).as_posix()
