@@ -30,6 +30,7 @@ from typing import Any, Mapping
 
 import requests
 from filelock import FileLock
+from sqlalchemy.exc import SQLAlchemyError
 
 # Before mlflow is imported (it reads them at import): no INFO lines about
 # database migrations, no "View run at" banners for a tracking server.
@@ -89,7 +90,7 @@ def _now_ms() -> int:
 OFFLINE_PREFIX = "offline-"
 # What a store that does not answer raises: MLflow's own errors, the HTTP
 # client's (retries exhausted), the OS's (a sqlite file that went away).
-_STORE_ERRORS = (MlflowException, requests.RequestException, OSError)
+_STORE_ERRORS = (MlflowException, SQLAlchemyError, requests.RequestException, OSError)
 _PROBE_TIMEOUT_S = 5.0
 
 
@@ -183,12 +184,17 @@ class Tracker:
         with FileLock(str(self._workdir / (MLFLOW_DB + ".lock"))):
             try:
                 return self._open_local()
-            except MlflowException as err:
-                if not _drop_migration_leftovers(self._workdir / MLFLOW_DB):
-                    raise self._store_error(err) from None
+            except (MlflowException, SQLAlchemyError) as err:
+                failure = err
+            try:
+                repaired = _drop_migration_leftovers(self._workdir / MLFLOW_DB)
+            except sqlite3.Error:  # not a sqlite database at all
+                repaired = False
+            if not repaired:
+                raise self._store_error(failure) from None
             try:  # a migration killed halfway left its temporary tables behind: dropped, try again
                 return self._open_local()
-            except MlflowException as err:
+            except (MlflowException, SQLAlchemyError) as err:
                 raise self._store_error(err) from None
 
     def _open_local(self) -> MlflowClient:
