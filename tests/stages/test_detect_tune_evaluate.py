@@ -165,6 +165,28 @@ def test_trial_left_running_by_a_kill_is_taken_up_with_its_own_params(smoke_run,
     assert trials[-1].params == tune_stage.trial_params(cfg.tune, seed=cfg.seed, number=orphan.number + 1)
 
 
+@pytest.mark.parametrize("sampler", ["random", "sobol", "tpe"])
+def test_a_study_killed_anywhere_ends_as_the_uninterrupted_one(smoke_run, tmp_path, sampler):
+    """A SIGKILL leaves the journal cut at a record boundary (Optuna appends one
+    record per write); cut it there, resume, and get the uninterrupted study."""
+    cfg = dataclasses.replace(smoke_run.cfg, tune=dataclasses.replace(smoke_run.cfg.tune, sampler=sampler,
+                                                                      trials=7, parallel=2))
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    tune_stage.run(cfg, _tune_inputs(smoke_run), whole, FakeContext(tmp_path))
+    expected = [(t.number, t.params, t.value, t.state) for t in _journal_trials(whole / "study.journal")]
+    lines = (whole / "study.journal").read_bytes().splitlines(keepends=True)
+    for cut in (len(lines) * 2 // 5, len(lines) * 3 // 4 + 1):  # mid-study, in different batches
+        killed = tmp_path / f"killed{cut}"
+        killed.mkdir()
+        (killed / "study.journal").write_bytes(b"".join(lines[:cut]))
+        tune_stage.run(cfg, _tune_inputs(smoke_run), killed, FakeContext(tmp_path))
+        resumed = [(t.number, t.params, t.value, t.state) for t in _journal_trials(killed / "study.journal")]
+        assert resumed == expected, cut
+        best = json.loads((killed / "best.json").read_text())
+        assert best == json.loads((whole / "best.json").read_text())
+
+
 def test_torn_journal_is_repaired_and_the_study_resumes(smoke_run, tmp_path):
     cfg = smoke_run.cfg
     out = copy_artifact(smoke_run.dirs["tune"], tmp_path)
