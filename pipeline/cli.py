@@ -1,12 +1,14 @@
 """The command line: `python -m pipeline run | status | ablations | config-docs`.
 
 A `UserError` prints `error: <message>` on stderr and exits with status 2, no
-traceback; Ctrl-C exits with 130. Anything else is a bug and keeps its traceback.
+traceback; Ctrl-C exits with 130, SIGTERM with 143, both at a safe point with the
+MLflow runs marked KILLED. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -16,10 +18,12 @@ from pipeline.config import DEFAULT_CONFIG, config_path, config_reference, load_
 from pipeline.graph import registered_names, registered_stages, select_names, select_stages
 from ion.schema import display_path
 from pipeline.status import format_status, stage_statuses
+from pipeline.stopping import StopSignals
 from pipeline.store import ArtifactStore
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_SIGNAL_BASE = 128  # the shell's convention: 130 after SIGINT, 143 after SIGTERM
+EXIT_INTERRUPTED = EXIT_SIGNAL_BASE + signal.SIGINT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,9 +99,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"config {display_path(config_path(args.config or DEFAULT_CONFIG))} | workdir {workdir} | "
           f"stages {','.join(s.name for s in selected)}{' (--force)' if args.force else ''}", flush=True)
     tracker = Tracker(tracking_uri=tracking_uri_for(workdir), experiment=cfg.name, workdir=workdir)
+    tracker.check_reachable()
     report = run_stages(cfg, stages=stages, selected=selected, tracker=tracker, force=args.force,
                         command=_rerun_command(args), run_name=args.stages,
-                        tags={"command": shlex.join(["python", "-m", "pipeline", *args.argv])})
+                        tags={"command": shlex.join(["python", "-m", "pipeline", *args.argv])}, stops=args.stops)
     print()
     print(format_summary(report))
     return 0
@@ -133,12 +138,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
+    # SIGTERM (a scheduler, `kill`) ends a run like Ctrl-C does: at a safe point, the
+    # MLflow runs marked KILLED, Ray shut down (pipeline/stopping.py).
+    args.stops = StopSignals()
+    args.stops.install()
     try:
         return handlers[args.command](args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted: finished stage outputs are kept; rerun the same command to continue",
-              file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", None) or args.stops.signum or signal.SIGINT
+        where = f" ({err})" if str(err) else ""
+        print(f"interrupted{where}: finished stage outputs and checkpoints are kept; rerun the same command "
+              "to continue", file=sys.stderr)
+        return EXIT_SIGNAL_BASE + signum
+    finally:
+        args.stops.uninstall()

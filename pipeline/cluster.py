@@ -11,11 +11,14 @@ same path on every node, or installed there).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import ray
 from tqdm import tqdm
@@ -72,18 +75,33 @@ def init_ray(runtime: RuntimeConfig, *, tracking_uri: str | None = None) -> bool
                   logging_level=logging.WARNING, log_to_driver=False)
     logging.getLogger(_TOKEN_NOTICE_LOGGER).setLevel(logging.ERROR)
     if address is None:
-        ray.init(num_cpus=runtime.num_workers, include_dashboard=False, **common)
+        with _own_sigterm_handler():
+            ray.init(num_cpus=runtime.num_workers, include_dashboard=False, **common)
         return True
     source = "runtime.ray_address" if runtime.ray_address else "RAY_ADDRESS"
     check_reachable(address, source=source)
     try:
-        ray.init(address=address, **common)
+        with _own_sigterm_handler():
+            ray.init(address=address, **common)
     except ConnectionError as err:
         raise _join_error(address, source, err) from None
     # Say which cluster the run went to: a wrong RAY_ADDRESS left in the shell
     # would otherwise run everything somewhere unexpected without a word.
     print(f"ray: joined the cluster at {address} ({source}): {cluster_summary()}", flush=True)
     return True
+
+
+@contextlib.contextmanager
+def _own_sigterm_handler() -> Iterator[None]:
+    """ray.init replaces the driver's SIGTERM handler with a bare sys.exit; keep
+    ours (pipeline/stopping.py: runs marked KILLED, Ray shut down, exit 143)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def cluster_summary() -> str:

@@ -3,10 +3,11 @@ a stage's MLflow run, the invocation's Ray, and Ray Train for training stages.""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, TypeVar
+from typing import Any, Callable, ContextManager, Iterable, Mapping, Protocol, Sequence, TypeVar
 
 from tqdm import tqdm
 
+from pipeline.stopping import NO_SIGNALS, StopSignals
 from stages.contract import RuntimeConfig, TrainerOutcome, TrainerSetup
 
 T = TypeVar("T")
@@ -25,11 +26,16 @@ class _Mapper(Protocol):
 class RunContext:
     """The `StageContext` the runner hands a stage: its MLflow run and the invocation's Ray."""
 
-    def __init__(self, *, workdir: Path, runtime: RuntimeConfig, run: _Tracked, mapper: _Mapper) -> None:
+    def __init__(self, *, workdir: Path, runtime: RuntimeConfig, run: _Tracked, mapper: _Mapper,
+                 stops: StopSignals = NO_SIGNALS) -> None:
         self.workdir = workdir
         self.runtime = runtime
         self._run = run
         self._mapper = mapper
+        self._stops = stops
+
+    def graceful_stop(self) -> ContextManager[Callable[[], bool]]:
+        return self._stops.graceful()
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self._run.log_metrics(metrics, step=step)

@@ -8,6 +8,7 @@ upstream output a selected stage needs but that is not selected must exist.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from pipeline.cluster import Cluster
 from pipeline.graph import SHORT_KEY, Stage, cache_keys
 from pipeline.run_context import RunContext
 from ion.schema import to_plain, to_yaml
+from pipeline.stopping import NO_SIGNALS, StopSignals
 from pipeline.store import MANIFEST, ArtifactStore
 from pipeline.tracking import FAILED, FINISHED, KILLED, TrackedRun, Tracker, ui_hint
 from stages.contract import StageResult
@@ -47,6 +49,9 @@ class RunReport:
     tracking_uri: str
     experiment: str
     parent_run_id: str
+    pending_records: int = 0  # tracking records MLflow did not take, kept in pending_path
+    pending_path: Path | None = None
+    tracking_error: str | None = None
 
 
 def check_upstream(stages: Sequence[Stage], selected: Sequence[Stage], keys: dict[str, str],
@@ -77,18 +82,46 @@ def check_upstream(stages: Sequence[Stage], selected: Sequence[Stage], keys: dic
                     f"which is missing: run {command} --stages {to_run} (or --stages all)")
 
 
+def set_aside_damaged(stages: Sequence[Stage], selected: Sequence[Stage], keys: dict[str, str],
+                      store: ArtifactStore, *, force: bool) -> dict[str, list[str]]:
+    """Check the finished outputs this run would read (selected cache hits and
+    the upstream outputs of the stages it will run) against their manifests; a
+    damaged one is set aside (it no longer exists, so it is recomputed) and said
+    so on stderr. Returns {stage: damaged files}."""
+    read: list[str] = []
+    for s in selected:
+        if not force:
+            read.append(s.name)
+        read.extend(s.upstream)
+    damaged = {}
+    for name in (s.name for s in stages if s.name in read):
+        if not store.exists(name, keys[name]):
+            continue
+        bad = store.damaged(name, keys[name])
+        if bad:
+            store.set_aside(name, keys[name], bad)
+            damaged[name] = bad
+            out = store.path(name, keys[name])
+            print(f"damaged: {out / bad[0]}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} does not "
+                  f"match the manifest of {name}; set aside, it is recomputed", file=sys.stderr, flush=True)
+    return damaged
+
+
 def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], tracker: Tracker,
                force: bool = False, command: str = "python -m pipeline run", run_name: str = "run",
-               tags: dict[str, str] | None = None) -> RunReport:
+               tags: dict[str, str] | None = None, stops: StopSignals = NO_SIGNALS) -> RunReport:
     """Run `selected` (a subset of `stages`, in pipeline order) for `cfg`; see the module docstring.
 
     `command` is how the user invoked the run, without --stages: error messages
-    suggest `<command> --stages ...`.
+    suggest `<command> --stages ...`. `stops`: the CLI's SIGTERM/SIGINT handling
+    (pipeline/stopping.py), handed to the stages through their context.
     """
     workdir = Path(cfg.runtime.workdir)
     store = ArtifactStore(workdir)
     keys = cache_keys(stages, cfg)
+    set_aside_damaged(stages, selected, keys, store, force=force)
     check_upstream(stages, selected, keys, store, force=force, command=command)
+    tracker.flush_pending()  # what an earlier run could not send
 
     config_text = to_yaml(cfg)
     parent = tracker.start_parent(name=run_name, tags={"stages": ",".join(s.name for s in selected),
@@ -99,7 +132,7 @@ def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], 
     try:
         for stage in selected:
             outcomes.append(_run_one(stage, cfg, keys=keys, store=store, tracker=tracker, parent=parent,
-                                     cluster=cluster, force=force, config_text=config_text))
+                                     cluster=cluster, force=force, config_text=config_text, stops=stops))
     except KeyboardInterrupt:
         parent.finish(KILLED, error="interrupted")
         raise
@@ -109,8 +142,10 @@ def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], 
     finally:
         cluster.close()
     parent.finish(FINISHED)
+    pending = tracker.flush_pending()
     return RunReport(outcomes=outcomes, workdir=workdir, tracking_uri=tracker.tracking_uri,
-                     experiment=cfg.name, parent_run_id=parent.run_id)
+                     experiment=cfg.name, parent_run_id=parent.run_id, pending_records=pending,
+                     pending_path=tracker.pending.path, tracking_error=tracker.offline_error)
 
 
 def _error_text(err: BaseException) -> str:
@@ -118,7 +153,8 @@ def _error_text(err: BaseException) -> str:
 
 
 def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], store: ArtifactStore, tracker: Tracker,
-             parent: TrackedRun, cluster: Cluster, force: bool, config_text: str) -> StageOutcome:
+             parent: TrackedRun, cluster: Cluster, force: bool, config_text: str,
+             stops: StopSignals = NO_SIGNALS) -> StageOutcome:
     key = keys[stage.name]
     start = time.perf_counter()
     if not force and store.exists(stage.name, key):
@@ -131,7 +167,7 @@ def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], store: ArtifactSto
         run = tracker.start_stage(parent, stage=stage.name, key=key, cache_hit=False)
         run.log_params({name: to_plain(getattr(cfg, name)) for name in stage.reads})
         run.log_text(config_text, "config.yaml")
-        ctx = RunContext(workdir=store.workdir, runtime=cfg.runtime, run=run, mapper=cluster)
+        ctx = RunContext(workdir=store.workdir, runtime=cfg.runtime, run=run, mapper=cluster, stops=stops)
         inputs = {name: store.path(name, keys[name]) for name in stage.upstream}
         begun = time.perf_counter()
         try:
@@ -146,9 +182,14 @@ def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], store: ArtifactSto
             raise
         seconds = time.perf_counter() - begun
         metrics = {k: float(v) for k, v in result.metrics.items()}
+        made = out
+        out = store.path(stage.name, key)
+        # A --force run made it aside (the old output stayed usable until now): its lines name the final place.
+        summary = [line.replace(str(made), str(out)) for line in result.summary]
         store.write_manifest(stage.name, key, version=stage.version,
                              upstream={u: keys[u] for u in stage.upstream}, run_id=run.run_id,
-                             timings={"run_s": round(seconds, 3)}, metrics=metrics, summary=list(result.summary))
+                             timings={"run_s": round(seconds, 3)}, metrics=metrics, summary=summary, out=made)
+        store.publish(stage.name, key, made)
     run.log_metrics(metrics)
     run.log_file(out / MANIFEST)
     if (out / PLOTS_DIR).is_dir():
@@ -156,7 +197,7 @@ def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], store: ArtifactSto
     run.finish(FINISHED)
     return StageOutcome(name=stage.name, key=key, cached=False, seconds=time.perf_counter() - start,
                         produced_seconds=seconds, path=out, run_id=run.run_id, metrics=metrics,
-                        summary=list(result.summary))
+                        summary=summary)
 
 
 def _reuse(stage: Stage, cfg: Any, *, key: str, store: ArtifactStore, tracker: Tracker, parent: TrackedRun,
@@ -188,4 +229,7 @@ def format_summary(report: RunReport) -> str:
     lines += ["", f"outputs: {report.workdir / 'artifacts'}/<stage>/<key>/",
               f"MLflow:  experiment {report.experiment!r}, run {report.parent_run_id}",
               f"         {ui_hint(report.tracking_uri)}"]
+    if report.pending_records:
+        lines.append(f"         {report.pending_records} tracking record(s) not sent ({report.tracking_error}): kept "
+                     f"in {report.pending_path}, sent by the next run once MLflow answers")
     return "\n".join(lines)

@@ -24,6 +24,8 @@ from ion.errors import UserError
 from ion.atomic import TMP_SUFFIX, write_text_atomic
 
 MANIFEST = "manifest.json"
+DAMAGED_MANIFEST = "manifest.damaged.json"
+REPLACING_DIR = ".replacing"  # <stage>/.replacing/<key>/: a --force run's new output until it is complete
 _HASH_CHUNK = 1 << 20
 
 
@@ -88,25 +90,46 @@ class ArtifactStore:
             lock.release()
 
     def prepare(self, stage: str, key: str, *, clear: bool) -> Path:
-        """The output directory, created; `clear` removes what is there first (--force)."""
+        """The directory to produce the output in, created. `clear` (--force) starts
+        afresh: a finished output stays where it is, in use, until the new one is
+        complete (`publish`); the new one is made in `<stage>/.replacing/<key>/`
+        (the same folder name: stages may record it). An unfinished one is removed."""
         out = self.path(stage, key)
+        if clear and self.exists(stage, key):
+            staging = self.root / stage / REPLACING_DIR / key
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+            return staging
         if clear and out.exists():
-            # The manifest goes first: a crash halfway through rmtree must not leave a
-            # manifest over a half-deleted output.
-            (out / MANIFEST).unlink(missing_ok=True)
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         return out
 
+    def publish(self, stage: str, key: str, made: Path) -> Path:
+        """Put an output made by `prepare` in place (its manifest written): for a
+        --force run, the old output goes only now. Returns the output's path."""
+        out = self.path(stage, key)
+        if made == out:
+            return out
+        old = self.root / stage / REPLACING_DIR / f"{key}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        out.replace(old)
+        made.replace(out)
+        shutil.rmtree(old)
+        return out
+
     def write_manifest(self, stage: str, key: str, *, version: str, upstream: dict[str, str],
                        run_id: str | None, timings: dict[str, float], metrics: dict[str, float],
-                       summary: list[str]) -> dict[str, Any]:
-        """Checksum every file of the output and write manifest.json last, atomically."""
-        out = self.path(stage, key)
+                       summary: list[str], out: Path | None = None) -> dict[str, Any]:
+        """Checksum every file of the output (in `out`, default its place) and write
+        manifest.json last, atomically."""
+        out = self.path(stage, key) if out is None else out
         files = {}
         for path in sorted(p for p in out.rglob("*") if p.is_file()):
             rel = path.relative_to(out).as_posix()
-            if rel == MANIFEST or rel.endswith(TMP_SUFFIX):
+            if rel in (MANIFEST, DAMAGED_MANIFEST) or rel.endswith(TMP_SUFFIX):
                 continue
             files[rel] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
         manifest = {
@@ -123,6 +146,40 @@ class ArtifactStore:
         }
         write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         return manifest
+
+    def damaged(self, stage: str, key: str) -> list[str]:
+        """Files of an existing output that do not match its manifest ("manifest.json"
+        itself when it cannot be read). HDF5 files are checked by size only: they
+        carry their own per-chunk checksums (fletcher32), checked as they are read,
+        and hashing gigabytes of proposals on every run would cost more than the check
+        is worth."""
+        try:
+            manifest = self.manifest(stage, key)
+        except UserError:
+            return [MANIFEST]
+        if manifest is None:
+            return []
+        out = self.path(stage, key)
+        bad = []
+        for rel, entry in sorted(manifest.get("files", {}).items()):
+            path = out / rel
+            if not path.is_file() or path.stat().st_size != entry.get("bytes"):
+                bad.append(rel)
+            elif path.suffix != ".h5" and file_sha256(path) != entry.get("sha256"):
+                bad.append(rel)
+        return bad
+
+    def set_aside(self, stage: str, key: str, damaged: list[str]) -> None:
+        """Make a damaged output not exist: its manifest renamed to manifest.damaged.json
+        (kept for a look), the damaged files removed, so the rerun recomputes them
+        and resumes from the intact pieces."""
+        out = self.path(stage, key)
+        manifest = out / MANIFEST
+        if manifest.is_file():
+            manifest.replace(out / DAMAGED_MANIFEST)
+        for rel in damaged:
+            if rel != MANIFEST:
+                (out / rel).unlink(missing_ok=True)
 
     def verify(self, stage: str, key: str) -> list[str]:
         """Files of an output whose checksum no longer matches its manifest (missing ones too)."""

@@ -5,22 +5,43 @@ one nested child run per stage (tags stage, cache_key, cache_hit; a cached
 stage's run points to the run that produced the output with `produced_by`).
 Uses `MlflowClient` with explicit run ids, no global active-run state, so one
 client (one import, one set of sqlite migrations) serves the whole invocation.
+
+Faults: the sqlite store of a workdir is created (schema migrations) under a
+file lock, so commands started together do not race through MLflow's
+migrations; a tracking server is probed before any stage starts
+(`check_reachable`); a store that stops answering mid-run does not stop the
+stages: what they log is kept in `<workdir>/mlflow_pending.jsonl`
+(pipeline/pending.py) and sent at the end of the run or by the next one.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
+import sqlite3
 import tempfile
 import time
+import urllib.error
+import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any, Mapping
+
+import requests
+from filelock import FileLock
+from sqlalchemy.exc import SQLAlchemyError
 
 # Before mlflow is imported (it reads them at import): no INFO lines about
 # database migrations, no "View run at" banners for a tracking server.
 # setdefault: a user who sets them keeps their choice.
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# MLflow's own HTTP retries (7, exponential backoff) take over four minutes to
+# give up on a server that is down; the records are kept and sent later instead.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
@@ -28,7 +49,9 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH  # noqa: E402
 
-from pipeline.runtime import MLFLOW_DB, tracking_uri_for  # noqa: E402
+from ion.errors import UserError  # noqa: E402
+from pipeline.pending import PendingRecords  # noqa: E402
+from pipeline.runtime import MLFLOW_DB, TRACKING_URI_ENV, tracking_uri_for  # noqa: E402
 from ion.schema import flatten  # noqa: E402
 
 __all__ = ["FAILED", "FINISHED", "KILLED", "TrackedRun", "Tracker", "tracking_uri_for", "ui_hint"]
@@ -64,48 +87,57 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class TrackedRun:
-    """One MLflow run, addressed by id."""
+OFFLINE_PREFIX = "offline-"
+# What a store that does not answer raises: MLflow's own errors, the HTTP
+# client's (retries exhausted), the OS's (a sqlite file that went away).
+_STORE_ERRORS = (MlflowException, SQLAlchemyError, requests.RequestException, OSError)
+_PROBE_TIMEOUT_S = 5.0
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
-        self._client = client
+
+class TrackedRun:
+    """One MLflow run, addressed by id; what cannot be sent is kept (Tracker.send)."""
+
+    def __init__(self, tracker: "Tracker", run_id: str) -> None:
+        self._tracker = tracker
         self.run_id = run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         stamp = _now_ms()
-        batch = [Metric(key=mlflow_key(k), value=float(v), timestamp=stamp, step=step or 0)
-                 for k, v in metrics.items()]
-        for start in range(0, len(batch), _MAX_METRICS_PER_BATCH):
-            self._client.log_batch(self.run_id, metrics=batch[start:start + _MAX_METRICS_PER_BATCH])
+        rows = [[mlflow_key(k), float(v), stamp, step or 0] for k, v in metrics.items()]
+        for start in range(0, len(rows), _MAX_METRICS_PER_BATCH):
+            self._tracker.send({"op": "metrics", "run": self.run_id,
+                                "metrics": rows[start:start + _MAX_METRICS_PER_BATCH]})
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Nested values are flattened to dotted keys; values are clipped to MLflow's length limit."""
         flat = flatten(dict(params))
-        batch = [Param(mlflow_key(k), _clip(str(v), MAX_PARAM_VAL_LENGTH)) for k, v in flat.items()]
-        if batch:
-            self._client.log_batch(self.run_id, params=batch)
+        items = [[mlflow_key(k), _clip(str(v), MAX_PARAM_VAL_LENGTH)] for k, v in flat.items()]
+        if items:
+            self._tracker.send({"op": "params", "run": self.run_id, "items": items})
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        batch = [RunTag(k, _clip(str(v), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()]
-        if batch:
-            self._client.log_batch(self.run_id, tags=batch)
+        items = [[k, _clip(str(v), MAX_TAG_VAL_LENGTH)] for k, v in tags.items()]
+        if items:
+            self._tracker.send({"op": "tags", "run": self.run_id, "items": items})
 
     def log_file(self, path: Path, artifact_dir: str | None = None) -> None:
-        self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_dir)
+        self._tracker.send({"op": "artifact", "run": self.run_id, "path": str(path), "dir": artifact_dir})
 
     def log_text(self, text: str, name: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / name
-            path.write_text(text, encoding="utf-8")
-            self._client.log_artifact(self.run_id, str(path))
+        # Kept as a file of the workdir: a queued record must point at something that stays.
+        folder = self._tracker.text_dir / uuid.uuid4().hex
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text, encoding="utf-8")
+        self._tracker.send({"op": "artifact", "run": self.run_id, "path": str(folder / name), "dir": None,
+                            "remove": str(folder)})
 
     def log_dir(self, path: Path, artifact_dir: str) -> None:
-        self._client.log_artifacts(self.run_id, str(path), artifact_path=artifact_dir)
+        self._tracker.send({"op": "artifact", "run": self.run_id, "path": str(path), "dir": artifact_dir})
 
     def finish(self, status: str, error: str | None = None) -> None:
         if error is not None:
             self.set_tags({"error": error})
-        self._client.set_terminated(self.run_id, status=status)
+        self._tracker.send({"op": "terminate", "run": self.run_id, "status": status, "end": _now_ms()})
 
 
 class Tracker:
@@ -119,12 +151,63 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self._experiment_name = experiment
         self._workdir = Path(workdir).resolve()
+        self.pending = PendingRecords(self._workdir)
+        self.text_dir = self._workdir / "mlflow_texts"
+        self.offline_error: str | None = None  # why records are being kept instead of sent
+        self._real_ids: dict[str, str] = {}  # offline run id -> the id MLflow gave it when replayed
+
+    # ------------------------------------------------------------------ the store
+
+    def check_reachable(self) -> None:
+        """UserError naming the URI when a tracking server does not answer: probed
+        with one short HTTP request before any stage starts, no MLflow retries."""
+        if not self.tracking_uri.startswith(("http://", "https://")):
+            return
+        url = self.tracking_uri.rstrip("/") + "/health"
+        try:
+            urllib.request.urlopen(url, timeout=_PROBE_TIMEOUT_S).close()
+        except urllib.error.HTTPError:
+            return  # something answers HTTP there; MLflow's own errors say the rest
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", None) or err
+            raise UserError(f"{TRACKING_URI_ENV}={self.tracking_uri}: the MLflow server does not answer "
+                            f"({reason}); start it (mlflow server --port <port>) or unset {TRACKING_URI_ENV} "
+                            f"to track in {self._workdir / MLFLOW_DB}") from None
 
     @functools.cached_property
     def _client(self) -> MlflowClient:
-        if self._local:
-            self._workdir.mkdir(parents=True, exist_ok=True)  # sqlite creates the file, not its directory
-        return MlflowClient(tracking_uri=self.tracking_uri)
+        if not self._local:
+            return MlflowClient(tracking_uri=self.tracking_uri)
+        self._workdir.mkdir(parents=True, exist_ok=True)  # sqlite creates the file, not its directory
+        # Creating the store runs MLflow's schema migrations, which are not safe to run
+        # from two processes at once (a shared workdir): one creates, the others wait.
+        with FileLock(str(self._workdir / (MLFLOW_DB + ".lock"))):
+            try:
+                return self._open_local()
+            except (MlflowException, SQLAlchemyError) as err:
+                failure = err
+            try:
+                repaired = _drop_migration_leftovers(self._workdir / MLFLOW_DB)
+            except sqlite3.Error:  # not a sqlite database at all
+                repaired = False
+            if not repaired:
+                raise self._store_error(failure) from None
+            try:  # a migration killed halfway left its temporary tables behind: dropped, try again
+                return self._open_local()
+            except (MlflowException, SQLAlchemyError) as err:
+                raise self._store_error(err) from None
+
+    def _open_local(self) -> MlflowClient:
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        client.search_experiments(max_results=1)  # creates and migrates the store now, under the lock
+        return client
+
+    def _store_error(self, err: Exception) -> UserError:
+        db = self._workdir / MLFLOW_DB
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return UserError(f"{db}: the MLflow store cannot be opened ({first}); move it aside "
+                         f"(mv {db} {db}.broken) and rerun: the artifacts are kept, only the run history "
+                         "starts anew")
 
     @property
     def _local(self) -> bool:
@@ -151,11 +234,18 @@ class Tracker:
             self._client.restore_experiment(found.experiment_id)
         return found.experiment_id
 
+    # ------------------------------------------------------------------ runs
+
     def _create(self, name: str, tags: Mapping[str, Any]) -> TrackedRun:
-        run = self._client.create_run(self.experiment_id, start_time=_now_ms(),
-                                      tags={k: _clip(str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()},
-                                      run_name=name)
-        return TrackedRun(self._client, run.info.run_id)
+        record = {"op": "create_run", "run": OFFLINE_PREFIX + uuid.uuid4().hex, "name": name,
+                  "tags": {k: _clip(str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}, "start": _now_ms()}
+        if self.offline_error is None:
+            try:
+                return TrackedRun(self, self._apply(record))
+            except _STORE_ERRORS as err:
+                self._go_offline(err)
+        self.pending.append(record)
+        return TrackedRun(self, record["run"])
 
     def start_parent(self, *, name: str, tags: Mapping[str, Any]) -> TrackedRun:
         return self._create(name, tags)
@@ -167,3 +257,86 @@ class Tracker:
         if produced_by:
             tags["produced_by"] = produced_by
         return self._create(stage, tags)
+
+    # ------------------------------------------------------------------ sending, or keeping
+
+    def send(self, record: dict[str, Any]) -> None:
+        """Apply one record to the store; when the store does not answer, keep it
+        (and every later one, without waiting on the store again) in the pending file."""
+        if self.offline_error is None and not record["run"].startswith(OFFLINE_PREFIX):
+            try:
+                self._apply(record)
+                return
+            except _STORE_ERRORS as err:
+                self._go_offline(err)
+        self.pending.append(record)
+
+    def _go_offline(self, err: Exception) -> None:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        self.offline_error = first[:200]
+        print(f"warning: MLflow at {self.tracking_uri} does not answer ({self.offline_error}); the stages go on "
+              f"and their tracking records are kept in {self.pending.path}", flush=True)
+
+    def flush_pending(self) -> int:
+        """Send the kept records (a server back up, a store unlocked); the number still pending."""
+        if not self.pending.count():
+            return 0
+        try:
+            return self.pending.replay(self._apply)
+        except _STORE_ERRORS:
+            return self.pending.count()
+
+    def _apply(self, record: dict[str, Any]) -> str:
+        """Do what one record says; the run's id (the real one for a replayed offline run)."""
+        run = self._real_ids.get(record["run"], record["run"])
+        op = record["op"]
+        if op == "create_run":
+            tags = dict(record["tags"])
+            parent = tags.get(MLFLOW_PARENT_RUN_ID)
+            if parent is not None:
+                tags[MLFLOW_PARENT_RUN_ID] = self._real_ids.get(parent, parent)
+            created = self._client.create_run(self.experiment_id, start_time=record["start"], tags=tags,
+                                              run_name=record["name"])
+            self._real_ids[record["run"]] = created.info.run_id
+            return created.info.run_id
+        if run.startswith(OFFLINE_PREFIX):
+            return run  # its create_run was lost with a torn line: nothing to attach it to
+        if op == "metrics":
+            self._client.log_batch(run, metrics=[Metric(key=k, value=v, timestamp=t, step=s)
+                                                 for k, v, t, s in record["metrics"]])
+        elif op == "params":
+            self._client.log_batch(run, params=[Param(k, v) for k, v in record["items"]])
+        elif op == "tags":
+            self._client.log_batch(run, tags=[RunTag(k, v) for k, v in record["items"]])
+        elif op == "artifact":
+            path = Path(record["path"])
+            if path.is_dir():
+                self._client.log_artifacts(run, str(path), artifact_path=record["dir"])
+            elif path.is_file():
+                self._client.log_artifact(run, str(path), artifact_path=record["dir"])
+            if record.get("remove"):
+                _remove_tree(Path(record["remove"]))
+        elif op == "terminate":
+            self._client.set_terminated(run, status=record["status"], end_time=record["end"])
+        return run
+
+
+def _remove_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    folder.rmdir()
+
+
+def _drop_migration_leftovers(db: Path) -> bool:
+    """Drop the `_alembic_tmp_*` tables a schema migration killed halfway leaves
+    in a sqlite store (sqlite's ALTER TABLE is a copy into such a table); True when
+    there were any. The migration then runs again from the recorded version."""
+    if not db.is_file():
+        return False
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
+        names = [row[0] for row in con.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name LIKE '\\_alembic\\_tmp\\_%' ESCAPE '\\'")]
+        for name in names:
+            con.execute(f'DROP TABLE "{name}"')
+        con.commit()
+    return bool(names)

@@ -92,9 +92,9 @@ def run_trainer(worker_fn: Callable[..., Any], worker_config: dict[str, Any], se
 
     worker_fn must be importable by the workers (a module-level function).
     A non-finite loss stops every worker at once and is raised here as
-    NonFiniteLossError without retries (it would come back on every retry); any
-    other worker error is retried `max_failures` times, then raised here
-    (a UserError stays a UserError).
+    NonFiniteLossError, a UserError as a UserError, both without retries (they
+    would come back on every retry); any other worker error is retried
+    `max_failures` times, then raised here.
     """
     if runtime is not None:
         init_ray(runtime)
@@ -123,6 +123,8 @@ def run_trainer(worker_fn: Callable[..., Any], worker_config: dict[str, Any], se
     value = result.return_value
     if isinstance(value, dict) and "non_finite" in value:
         raise NonFiniteLossError(value["non_finite"])
+    if isinstance(value, dict) and "user_error" in value:
+        raise UserError(value["user_error"])
     kept = [_reported(ckpt, metrics) for ckpt, metrics in (result.best_checkpoints or [])]
     kept.sort(key=lambda c: (c.iteration, c.phase_end))
     latest = None
@@ -200,10 +202,14 @@ class WorkerSession:
 
 def _worker_entry(config: dict[str, Any]) -> Any:
     """TorchTrainer's train_loop_per_worker: run the stage's worker function.
-    A non-finite loss (raised on every worker together, ion/engine/) is
-    returned rather than raised, so Ray Train does not retry it."""
+    A non-finite loss (raised on every worker together, ion/engine/) and a
+    user error (bad config, a bad init_from file) are returned rather than
+    raised, so Ray Train does not retry them: they would come back on every
+    retry. A worker that dies is retried (FailureConfig)."""
     session = WorkerSession()
     try:
         return config["fn"](session, **config["config"])
     except NonFiniteLossError as err:
         return {"non_finite": str(err)}
+    except UserError as err:
+        return {"user_error": str(err)}

@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 import scipy.io
 import torch
+from scipy.io.matlab import MatReadError
 
 from ion.ops.box_ops import clip_boxes_xyxy, remove_small
 from ion.errors import UserError
@@ -35,6 +36,9 @@ from proposals.mix import first_unique, top_k_by_score
 # (boxes field, scores field) pairs, in the order they are looked for.
 FIELD_PAIRS = (("boxes", "scores"), ("bboxes", "bboxes_scores"))
 STRUCT = "candidates"
+# MCG keeps a few thousand boxes an image; 50 million values (400 MB as float64)
+# can only be a wrong or damaged file, refused before it is read into memory.
+MAX_VALUES = 50_000_000
 _TRAILING_DIGITS = re.compile(r"(\d+)$")
 _SHOW_MISSING = 10
 
@@ -54,29 +58,45 @@ def _unreadable(path: Path, what: str) -> UserError:
                      f"'{STRUCT}' struct; replace the file or set proposals.mcg.dir to the MCG box files")
 
 
-def _v73_array(dataset: h5py.Dataset) -> np.ndarray:
-    """A MATLAB v7.3 numeric array as numpy, undoing MATLAB's column-major layout."""
+def _v73_array(path: Path, name: str, dataset: object) -> np.ndarray:
+    """A MATLAB v7.3 numeric array as numpy, undoing MATLAB's column-major layout;
+    UserError for a group, a non-numeric or an implausibly large array."""
+    if not isinstance(dataset, h5py.Dataset):
+        raise _unreadable(path, f"'{name}' is a {type(dataset).__name__}, not a numeric array")
     if dataset.attrs.get("MATLAB_empty", 0):
         # MATLAB stores an empty array as its dimensions, with this marker.
         return np.zeros((0, 4))
+    if dataset.dtype.kind not in "iuf":
+        raise _unreadable(path, f"'{name}' holds {dataset.dtype}, not numbers")
+    _check_size(path, name, dataset.size)
     return np.asarray(dataset[()], dtype=np.float64).T  # HDF5 (4, N) -> MATLAB (N, 4)
 
 
+def _check_size(path: Path, name: str, size: int) -> None:
+    if size > MAX_VALUES:
+        raise _unreadable(path, f"'{name}' holds {size} values, more than the {MAX_VALUES} of any MCG file "
+                                "(at most a few thousand boxes an image)")
+
+
 def _read_v73(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with h5py.File(path, "r") as f:
-        groups = [f] + ([f[STRUCT]] if STRUCT in f and isinstance(f[STRUCT], h5py.Group) else [])
-        for group in groups:
-            for boxes_key, scores_key in FIELD_PAIRS:
-                if boxes_key in group and scores_key in group:
-                    return _v73_array(group[boxes_key]), _v73_array(group[scores_key]).reshape(-1)
-        found = sorted(f.keys())
+    try:
+        with h5py.File(path, "r") as f:
+            groups = [f] + ([f[STRUCT]] if STRUCT in f and isinstance(f[STRUCT], h5py.Group) else [])
+            for group in groups:
+                for boxes_key, scores_key in FIELD_PAIRS:
+                    if boxes_key in group and scores_key in group:
+                        return (_v73_array(path, boxes_key, group[boxes_key]),
+                                _v73_array(path, scores_key, group[scores_key]).reshape(-1))
+            found = sorted(f.keys())
+    except (OSError, KeyError, ValueError, RuntimeError) as err:  # h5py's errors for a damaged file
+        raise _unreadable(path, f"damaged MATLAB v7.3 (HDF5) file ({err})") from None
     raise _unreadable(path, f"MATLAB v7.3 file with fields {found}")
 
 
 def _read_v5(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         mat = scipy.io.loadmat(path)
-    except (ValueError, TypeError, OSError, NotImplementedError) as err:
+    except (ValueError, TypeError, OSError, NotImplementedError, EOFError, MatReadError) as err:
         raise _unreadable(path, f"not a readable MATLAB file ({err})") from None
     scopes = [mat]
     if STRUCT in mat and mat[STRUCT].dtype.names:
@@ -85,6 +105,10 @@ def _read_v5(path: Path) -> tuple[np.ndarray, np.ndarray]:
     for scope in scopes:
         for boxes_key, scores_key in FIELD_PAIRS:
             if boxes_key in scope and scores_key in scope:
+                for key in (boxes_key, scores_key):
+                    if scope[key].dtype.kind not in "iuf":
+                        raise _unreadable(path, f"'{key}' holds {scope[key].dtype}, not numbers")
+                    _check_size(path, key, scope[key].size)
                 boxes = np.asarray(scope[boxes_key], dtype=np.float64)
                 scores = np.asarray(scope[scores_key], dtype=np.float64).reshape(-1)
                 return (boxes.reshape(0, 4) if boxes.size == 0 else boxes), scores
@@ -100,6 +124,10 @@ def read_mcg_mat(path: Union[str, Path]) -> tuple[np.ndarray, np.ndarray]:
         raise _unreadable(path, f"boxes of shape {boxes.shape}")
     if len(scores) != len(boxes):
         raise _unreadable(path, f"{len(boxes)} boxes but {len(scores)} scores")
+    for name, values in (("boxes", boxes), ("scores", scores)):
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        if bad:
+            raise _unreadable(path, f"{bad} NaN or infinite value(s) in the {name}")
     return boxes, scores
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Optional, Protocol, Sequence, TypeVar
+from typing import Any, Callable, ContextManager, Iterable, Literal, Optional, Protocol, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -113,6 +113,12 @@ class StageContext(Protocol):
 
     def train_placement(self) -> tuple[bool, bool]:
         """(train as a distributed job, with GPUs) for runtime.train_workers and the cluster's GPUs."""
+
+    def graceful_stop(self) -> ContextManager[Callable[[], bool]]:
+        """Within the block SIGTERM/SIGINT do not interrupt the stage: the yielded
+        callable turns True and the stage stops at its next safe point by raising
+        ion.errors.Interrupted (training: after the current update, with a
+        checkpoint). Outside it, and at a second signal, the stage is interrupted at once."""
 
     def run_trainer(self, worker_fn: Callable[..., Any], worker_config: dict[str, Any],
                     setup: TrainerSetup) -> TrainerOutcome:

@@ -34,7 +34,7 @@ from ion.figures import save_png
 from ion.schema import Origin, build
 from ion.data.train_samples import TrainingSamples
 from ion.engine.checkpoint import CheckpointFiles, load_checkpoint, write_checkpoint
-from ion.engine.loop import TrainResult, train
+from ion.engine.loop import NonFiniteLossError, TrainResult, train
 from stages.contract import StageContext, StageResult, TrainerSetup
 from proposals.store import ProposalStore
 
@@ -72,10 +72,12 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
         total = sum(phase.iterations for phase in tcfg.phases)
         start = resume["iteration"] if resume is not None else 0
         bar = iter(ctx.progress(range(start, total), desc="train", total=total - start))
-        result = train_detector(cfg, data_dir=Path(inputs["data"]), proposal_files=proposal_files, resume=resume,
-                                save_checkpoint=files, device=torch.device("cpu"),
-                                log_metrics=lambda step, record: ctx.log_metrics(_loggable(record), step=step),
-                                on_iteration=lambda _: next(bar, None))
+        # SIGTERM/SIGINT: finish the current update, checkpoint it, stop (the rerun resumes there).
+        with ctx.graceful_stop() as should_stop:
+            result = train_detector(cfg, data_dir=Path(inputs["data"]), proposal_files=proposal_files,
+                                    resume=resume, save_checkpoint=files, device=torch.device("cpu"),
+                                    log_metrics=lambda step, record: ctx.log_metrics(_loggable(record), step=step),
+                                    on_iteration=lambda _: next(bar, None), should_stop=should_stop)
         for _ in bar:  # close the bar
             pass
         result_summary = {"iterations": result.iterations, "seconds": result.seconds,
@@ -118,8 +120,10 @@ def phase_proposal_files(tcfg, proposals_dir: Path) -> list[Path]:
 
 def train_detector(cfg, *, data_dir: Path, proposal_files: list[Path], resume: Optional[dict],
                    save_checkpoint: Callable, device: torch.device, log_metrics: Optional[Callable] = None,
-                   on_iteration: Optional[Callable] = None, rank: int = 0, world_size: int = 1) -> TrainResult:
-    """Build the detector and its training samples, then run ion.train_loop.train."""
+                   on_iteration: Optional[Callable] = None, should_stop: Optional[Callable[[], bool]] = None,
+                   rank: int = 0, world_size: int = 1) -> TrainResult:
+    """Build the detector and its training samples, then run ion.train_loop.train.
+    A non-finite loss is a UserError: its message says where and what to change."""
     tcfg, mcfg = cfg.train, cfg.model
     split = DetectionSplit.load(data_dir, "train")
     torch.manual_seed(cfg.seed)  # the initial weights (overwritten when resuming)
@@ -133,13 +137,21 @@ def train_detector(cfg, *, data_dir: Path, proposal_files: list[Path], resume: O
                                   flip=tcfg.flip, with_masks=mcfg.seg_loss_weight > 0)
         return train(model=model, phases=tcfg.phases, num_images=len(samples), get_sample=samples, seed=cfg.seed,
                      save_checkpoint=save_checkpoint, log_metrics=log_metrics, on_iteration=on_iteration,
-                     resume=resume, images_per_batch=tcfg.images_per_batch, clip_grad_norm=tcfg.clip_grad_norm,
+                     should_stop=should_stop, resume=resume, images_per_batch=tcfg.images_per_batch, clip_grad_norm=tcfg.clip_grad_norm,
                      momentum_semantics=tcfg.momentum_semantics, checkpoint_every=tcfg.checkpoint_every,
                      log_every=tcfg.log_every, amp=tcfg.amp, device=device, loader_threads=tcfg.loader_threads,
                      rank=rank, world_size=world_size)
+    except NonFiniteLossError as err:
+        raise UserError(non_finite_message(str(err))) from None
     finally:
         for store in stores.values():
             store.close()
+
+
+def non_finite_message(detail: str) -> str:
+    """The one line for a loss that went NaN or infinite: where (from the engine) and what to change."""
+    return (f"train: {detail}; lower train.phases[*].lr_start, set train.clip_grad_norm, or check "
+            "model.input.pixel_mean/pixel_std and the data; the rerun resumes from that checkpoint")
 
 
 def train_worker(session, *, cfg, data_dir: str, proposal_files: list[str], fallback_resume: str) -> dict:
@@ -172,7 +184,10 @@ def _run_ray(cfg, *, ctx: StageContext, inputs: dict[str, Path], out: Path, file
     worker_config = {"cfg": cfg, "data_dir": str(inputs["data"]),
                      "proposal_files": [str(p) for p in phase_proposal_files(tcfg, Path(inputs["proposals"]))],
                      "fallback_resume": str(files.last)}
-    outcome = ctx.run_trainer(train_worker, worker_config, setup)
+    try:
+        outcome = ctx.run_trainer(train_worker, worker_config, setup)
+    except NonFiniteLossError as err:
+        raise UserError(non_finite_message(str(err))) from None
     for kept in outcome.checkpoints:
         if kept.phase_end:
             kept.copy_to(files.phase_path(kept.phase_index, kept.phase_name))

@@ -11,15 +11,20 @@ the detect stage's cached raw candidates. No network runs here.
 
 Trials are asked for on the driver in batches of `tune.parallel`, evaluated as
 Ray tasks (each worker loads the candidates and the ground truth once), and
-told back in trial order, so a seeded sampler gives the same study however
-many workers there are.
+told back in trial order. Trial k's parameters depend only on the seed and k
+(random, sobol) or on them and the batches before (tpe), never on whether
+the run was killed and resumed: a resumed study takes up the trials the
+killed run asked for with their own parameters, so best.json is the same.
 """
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import optuna
+from scipy.stats import qmc
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -31,7 +36,7 @@ from ion.inference.tuning import Thresholds, objective
 from stages.contract import StageContext, StageResult
 from stages.raw_detections import read_raw
 from stages.worker_cache import cached
-from ion.atomic import write_json_atomic
+from ion.atomic import write_bytes_atomic, write_json_atomic
 
 NAME = "tune"
 VERSION = "1"
@@ -51,19 +56,15 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
     task = {"raw": str(raw_path), "gt": str(split.annotation_file)}
 
     baseline = trial_ap({**task, "params": {"nms_iou": tcfg.baseline_nms_iou, "vote_iou": None}})
-    study = _open_study(out / "study.journal", tcfg, seed=cfg.seed)
-    _fail_unfinished(study)
+    study = _open_study(out / "study.journal")
     done = len(_complete(study))
-    remaining = tcfg.trials - done
-    bar = ctx.progress(range(remaining), desc="tune trials", total=remaining)
-    pending: list = []
-    for _ in bar:
-        pending.append(study.ask(_distributions(tcfg)))
-        if len(pending) == tcfg.parallel:
-            _evaluate_batch(study, pending, task, ctx)
-            pending = []
-    if pending:
-        _evaluate_batch(study, pending, task, ctx)
+    bar = iter(ctx.progress(range(done, tcfg.trials), desc="tune trials", total=max(tcfg.trials - done, 0)))
+    for first in range(_first_open_batch(study, tcfg.parallel), tcfg.trials, tcfg.parallel):
+        batch = _ask_batch(study, tcfg, seed=cfg.seed, numbers=range(first, min(first + tcfg.parallel, tcfg.trials)))
+        if batch:
+            _evaluate_batch(study, batch, task, ctx)
+        for _ in batch:
+            next(bar, None)
 
     trials = _complete(study)
     best = study.best_trial
@@ -95,25 +96,107 @@ def raw_file(detect_dir: Path, split: str, flip: bool) -> Path:
 # ----------------------------------------------------------------------------- the study
 
 
-def _sampler(tcfg, seed: int, done: int) -> optuna.samplers.BaseSampler:
-    if tcfg.sampler == "sobol":
-        # QMC picks its point from the trial number, so a resumed study continues the sequence.
-        return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed,
-                                          warn_independent_sampling=False, warn_asynchronous_seeding=False)
-    if tcfg.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed + done)
-    # A resumed random study must not replay the first draws: offset the seed by the trials done.
-    return optuna.samplers.RandomSampler(seed=seed + done)
+def trial_params(tcfg, *, seed: int, number: int) -> dict | None:
+    """The parameters of trial `number` for the random and sobol samplers, a
+    function of (seed, number) alone: a study killed and resumed asks exactly what
+    an uninterrupted one asks. None for tpe, whose draw depends on the trials told
+    before (see _ask_batch)."""
+    space = _distributions(tcfg)
+    if tcfg.sampler == "random":
+        unit = np.random.default_rng([seed, number]).random(len(space))
+    elif tcfg.sampler == "sobol":
+        sobol = qmc.Sobol(d=len(space), scramble=True, seed=seed)
+        sobol.fast_forward(number)
+        unit = sobol.random(1)[0]
+    else:
+        return None
+    params = {}
+    for u, (name, dist) in zip(unit, space.items()):
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            params[name] = dist.choices[min(int(u * len(dist.choices)), len(dist.choices) - 1)]
+        else:
+            params[name] = float(dist.low + u * (dist.high - dist.low))
+    return params
 
 
-def _open_study(path: Path, tcfg, *, seed: int) -> optuna.Study:
+_FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+
+
+def _trial_seed(seed: int, number: int) -> int:
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
+
+
+def _first_open_batch(study: optuna.Study, parallel: int) -> int:
+    """The first trial number of the first batch not wholly told: batches are
+    [0, P), [P, 2P), ... in every run, so a resumed study asks as an uninterrupted one."""
+    finished = {t.number for t in study.get_trials(deepcopy=False, states=_FINISHED)}
+    first = 0
+    while all(n in finished for n in range(first, first + parallel)):
+        first += parallel
+    return first
+
+
+def _ask_batch(study: optuna.Study, tcfg, *, seed: int, numbers: range) -> list:
+    """Trials `numbers`: those a killed run asked for and never told are taken up
+    again with their own parameters, the missing ones asked for. TPE gets a
+    sampler seeded with (seed, number) and sees the batches before this one,
+    as in an uninterrupted run (trials asked but not told are not part of its history)."""
+    existing = {t.number: t for t in study.get_trials(deepcopy=False)}
+    batch = []
+    for number in numbers:
+        if number in existing:
+            if existing[number].state not in _FINISHED:
+                batch.append(existing[number])
+            continue
+        assert len(study.get_trials(deepcopy=False)) == number, "trial numbers are consecutive"
+        params = trial_params(tcfg, seed=seed, number=number)
+        if params is None:
+            study.sampler = optuna.samplers.TPESampler(seed=_trial_seed(seed, number))
+        else:
+            with warnings.catch_warnings():  # experimental since Optuna 2.4, and still here in 4.x
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.sampler = optuna.samplers.PartialFixedSampler(params, optuna.samplers.RandomSampler(seed=0))
+        batch.append(study.ask(_distributions(tcfg)))
+    return batch
+
+
+def _open_study(path: Path) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    repair_journal(path)
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize",
-                                load_if_exists=True)
-    # The sampler is chosen once the trials already done are known (see _sampler).
-    study.sampler = _sampler(tcfg, seed, len(_complete(study)))
-    return study
+    return optuna.create_study(study_name=STUDY_NAME, storage=storage, direction="maximize", load_if_exists=True)
+
+
+def repair_journal(path: Path) -> None:
+    """Drop a torn last line (a run killed while Optuna appended it) so the study
+    loads: the trials told before stay, one cut short is asked again. A damaged
+    line before the last is a UserError naming the file."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]  # tail: what follows the last newline (b"" when whole)
+    good = len(complete)
+    while good and not _is_json(complete[good - 1]):
+        good -= 1
+    bad = [i for i in range(good) if not _is_json(complete[i])]
+    if bad:
+        raise UserError(f"{path}: line {bad[0] + 1} is not a journal record (the file was edited or damaged); "
+                        f"delete the file to start the study anew (rerun with --stages tune)")
+    if good == len(complete) and not tail:
+        return
+    print(f"{path}: dropped a torn last record ({len(data) - sum(len(x) + 1 for x in complete[:good])} bytes) "
+          "left by a run that was killed", flush=True)
+    write_bytes_atomic(path, b"".join(line + b"\n" for line in complete[:good]))
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
 
 
 def _distributions(tcfg) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -130,16 +213,10 @@ def _complete(study) -> list:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
-def _fail_unfinished(study: optuna.Study) -> None:
-    """Trials asked for by a killed run were never told: close them as failed."""
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-
-
 def _evaluate_batch(study: optuna.Study, trials: list, task: dict, ctx: StageContext) -> None:
     values = ctx.map(trial_ap, [{**task, "params": t.params} for t in trials], desc="trials")
     for trial, value in zip(trials, values):
-        study.tell(trial, value)
+        study.tell(trial.number, value)
         ctx.log_metrics({"trial_AP": value, **{f"trial_{k}": float(v) for k, v in trial.params.items()}},
                         step=trial.number)
 

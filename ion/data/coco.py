@@ -191,17 +191,40 @@ def _check_segmentation(ann: dict, img: dict, where: str, check: _Checker) -> ob
             return None
         return polygons
     if isinstance(seg, dict) and "counts" in seg and "size" in seg:
-        if list(seg["size"]) != [img["height"], img["width"]]:
-            check.problem("bad_segmentation", where, f"RLE size {seg['size']} differs from the image's "
-                          f"[height, width] = [{img['height']}, {img['width']}]", "fix the RLE")
-            return None
-        if not isinstance(seg["counts"], (list, str)):
-            check.problem("bad_segmentation", where, "RLE counts must be a list or a string", "fix the RLE")
+        problem = _rle_problem(seg, height=img["height"], width=img["width"])
+        if problem is not None:
+            check.problem("bad_segmentation", where, problem, "fix the RLE")
             return None
         return seg
     check.problem("bad_segmentation", where, "segmentation must be a list of polygons or an RLE dict",
                   "fix the annotation")
     return None
+
+
+# COCO's compressed RLE writes 5 bits a character, offset by 48: '0' (48) .. 'o' (111).
+_RLE_CHARS = frozenset(chr(c) for c in range(48, 112))
+
+
+def _rle_problem(seg: dict, *, height: int, width: int) -> str | None:
+    """What is wrong with an RLE segmentation, or None. size: [height, width] of
+    the image; counts: run lengths (non-negative ints summing to height * width)
+    or COCO's compressed string."""
+    size, counts = seg["size"], seg["counts"]
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
+        return f"RLE size must be a list of 2 integers [height, width], got {size!r:.40}"
+    if size != [height, width]:
+        return f"RLE size {size} differs from the image's [height, width] = [{height}, {width}]"
+    if isinstance(counts, list):
+        if not all(_is_int(v) and v >= 0 for v in counts):
+            return "RLE counts must be non-negative integers"
+        if sum(counts) != height * width:
+            return f"RLE counts sum to {sum(counts)}, not height * width = {height * width}"
+        return None
+    if isinstance(counts, str):
+        if not set(counts) <= _RLE_CHARS:
+            return "compressed RLE counts hold characters outside COCO's encoding ('0'..'o')"
+        return None
+    return f"RLE counts must be a list of integers or a compressed string, got {type(counts).__name__}"
 
 
 def segmentation_to_rle(segmentation: object, *, height: int, width: int) -> dict:

@@ -29,6 +29,13 @@ EXIF_ORIENTATION_TAG = 0x0112
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
 
 
+def _bomb_error(path: Path, err: Exception) -> UserError:
+    """PIL refuses images that declare more than 2 x Image.MAX_IMAGE_PIXELS pixels
+    (decompression bombs): decoding one would take gigabytes."""
+    return UserError(f"{path}: {err}; replace the file with a photo of a sensible size, or remove the image from "
+                     f"the annotations / set data.coco.on_bad_annotation: drop")
+
+
 def _open(path: Path) -> Image.Image:
     try:
         image = Image.open(path)
@@ -36,6 +43,8 @@ def _open(path: Path) -> Image.Image:
     except FileNotFoundError:
         raise UserError(f"{path}: image file not found (restore it, or remove the image from the annotation "
                         f"file / set data.coco.on_bad_annotation: drop)") from None
+    except Image.DecompressionBombError as err:
+        raise _bomb_error(path, err) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise UserError(f"{path}: cannot read the image ({err}); replace the file with a readable "
                         f"JPEG/PNG or remove the image from the annotations") from None
@@ -59,6 +68,8 @@ def stored_and_oriented_size(path: Path) -> tuple[tuple[int, int], tuple[int, in
             orientation = exif_orientation(image)
     except FileNotFoundError:
         raise UserError(f"{path}: image file not found") from None
+    except Image.DecompressionBombError as err:
+        raise _bomb_error(path, err) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise UserError(f"{path}: cannot read the image header ({err}); replace the file") from None
     oriented = (stored[1], stored[0]) if orientation in _SWAPPING_ORIENTATIONS else stored

@@ -45,7 +45,7 @@ from ion.engine.checkpoint import CHECKPOINT_FORMAT, CheckpointEvent, capture_rn
 from ion.engine.optim import build_optimizer, set_dropout, set_frozen, set_hyperparameters
 from ion.engine.schedule import (ImageOrder, PhaseSpec, model_seed, phase_lr, sample_rng, seed_model_rng,
                                  step_positions)
-from ion.errors import UserError
+from ion.errors import Interrupted, UserError
 
 AUTOCAST_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -165,6 +165,7 @@ def train(*, model: nn.Module, phases: Sequence[PhaseSpec], num_images: int,
           save_checkpoint: Callable[[dict[str, Any], CheckpointEvent], str],
           log_metrics: Optional[Callable[[int, dict[str, float]], None]] = None,
           on_iteration: Optional[Callable[[int], None]] = None,
+          should_stop: Optional[Callable[[], bool]] = None,
           resume: Optional[dict[str, Any]] = None,
           images_per_batch: int = 4, clip_grad_norm: Optional[float] = 80.0,
           momentum_semantics: str = "caffe", checkpoint_every: int = 100, log_every: int = 10,
@@ -179,7 +180,9 @@ def train(*, model: nn.Module, phases: Sequence[PhaseSpec], num_images: int,
     phase end) and says where; log_metrics(iteration, record) gets the averages
     over the last `log_every` updates (loss, loss_<term>, lr, grad_norm,
     images_per_s, phase) and at each phase end; on_iteration(iteration) after
-    every update. `resume`: a checkpoint state to continue from exactly.
+    every update. should_stop() is asked after every update: True (a SIGTERM)
+    writes a checkpoint there and raises Interrupted, so a rerun resumes at that
+    update. `resume`: a checkpoint state to continue from exactly.
     With world_size > 1, torch.distributed must be initialised; every worker
     calls this with the same arguments but its rank, and every worker calls the
     callbacks (a Ray Train report is a barrier); only rank 0 need store.
@@ -260,13 +263,16 @@ def train(*, model: nn.Module, phases: Sequence[PhaseSpec], num_images: int,
                     window = _Window()
                     if log_metrics is not None:
                         log_metrics(pos.iteration, record)
-                if pos.iteration % checkpoint_every == 0 or phase_end:
+                stopping = should_stop is not None and should_stop()
+                if pos.iteration % checkpoint_every == 0 or phase_end or stopping:
                     state = _checkpoint_state(model=model, optimizer=optimizer, scaler=scaler, pos=pos,
                                               phases=phases, seed=seed, num_images=num_images,
                                               images_per_batch=images_per_batch, history=history, window=window)
                     event = CheckpointEvent(iteration=pos.iteration, phase_index=p, phase_name=phase.name,
                                             phase_end=phase_end)
                     last_saved = f"{save_checkpoint(state, event)} (iteration {pos.iteration})"
+                if stopping:
+                    raise Interrupted(f"training stopped after iteration {pos.iteration}; checkpoint: {last_saved}")
     finally:
         feed.close()
     seconds = time.perf_counter() - started

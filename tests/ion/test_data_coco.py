@@ -1,6 +1,8 @@
 """COCO reading and validation, the paper's splits, image decoding and the category map."""
 import copy
 import json
+import struct
+import zlib
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -119,12 +121,24 @@ def test_compressed_rle_mask():
 # ------------------------------------------------------------------ validation
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A 8-bit RGB PNG declaring width x height pixels with an empty IDAT: a few
+    dozen bytes, enough for PIL to read the size (and refuse it as a bomb)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"") + _png_chunk(b"IEND", b"")
+
+
 def _tiny(tmp_path):
-    """Two 40x30 JPEGs, three annotations, categories with a gap."""
+    """Two 40x30 JPEGs, three annotations, categories with a gap; bomb.png declares 20000x12000 pixels."""
     folder = tmp_path / "images"
     folder.mkdir()
     for name in ("a.jpg", "b.jpg"):
         Image.new("RGB", (40, 30), (90, 120, 150)).save(folder / name)
+    (folder / "bomb.png").write_bytes(png_header(20000, 12000))
     square = [[5.0, 5.0, 15.0, 5.0, 15.0, 15.0, 5.0, 15.0]]
     return folder, {
         "images": [{"id": 10, "file_name": "a.jpg", "width": 40, "height": 30},
@@ -182,6 +196,21 @@ BAD_CASES = {
                          r"annotations\[1\] \(id=2\): image_id 99 is not in images", "unknown_image_id", 2),
     "bad crowd RLE": (lambda d: d["annotations"][2]["segmentation"].update(size=[30, 41]),
                       r"annotations\[2\] \(id=3\): RLE size \[30, 41\] differs", "bad_segmentation", 2),
+    "RLE size an int": (lambda d: d["annotations"][2]["segmentation"].update(size=30),
+                        r"annotations\[2\] \(id=3\): RLE size must be a list of 2 integers", "bad_segmentation", 2),
+    "RLE counts short": (lambda d: d["annotations"][2]["segmentation"].update(counts=[0, 1000]),
+                         r"annotations\[2\] \(id=3\): RLE counts sum to 1000, not height \* width = 1200",
+                         "bad_segmentation", 2),
+    "RLE counts negative": (lambda d: d["annotations"][2]["segmentation"].update(counts=[1300, -100]),
+                            r"RLE counts must be non-negative integers", "bad_segmentation", 2),
+    "RLE counts bad string": (lambda d: d["annotations"][2]["segmentation"].update(counts="{~~}"),
+                              r"compressed RLE counts hold characters outside", "bad_segmentation", 2),
+    "RLE counts a number": (lambda d: d["annotations"][2]["segmentation"].update(counts=1200),
+                            r"RLE counts must be a list of integers or a compressed string, got int",
+                            "bad_segmentation", 2),
+    "decompression bomb": (lambda d: d["images"][1].update(file_name="bomb.png", width=20000, height=12000),
+                           r"images\[1\] \(id=20\): .*bomb.png: Image size \(240000000 pixels\) exceeds limit",
+                           "bad_image_file", 2),
     "bad bbox": (lambda d: d["annotations"][0].update(bbox=[1, 2, 3]),
                  r"annotations\[0\] \(id=1\): bbox must be 4 finite numbers", "bad_bbox", 2),
 }
@@ -329,6 +358,15 @@ def test_unreadable_images_name_the_file(tmp_path):
         load_image(bad)
     with pytest.raises(UserError, match="absent.jpg: image file not found"):
         load_image(tmp_path / "absent.jpg")
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(20000, 12000))
+    with pytest.raises(UserError, match="bomb.png: Image size .* exceeds limit .*on_bad_annotation: drop"):
+        load_image(bomb)
+    truncated = tmp_path / "truncated.png"
+    Image.new("RGB", (64, 48), (1, 2, 3)).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    with pytest.raises(UserError, match="truncated.png: cannot read the image"):
+        load_image(truncated)
 
 
 def test_validation_reads_exif_sizes(tmp_path):

@@ -2,7 +2,7 @@
 
 Three stages `one -> two -> three` that do real (tiny) file work, so the tests
 can check caching, keys, manifests, resuming and locking without the real
-detector. Behaviour switches (fail, die, slow) come from environment variables,
+detector. Behaviour switches (fail, die, gate) come from environment variables,
 not the config, so they do not change the cache keys.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from stages.contract import RuntimeConfig
 
 FAIL_ENV = "FAKE_STAGE_FAIL"  # name of a stage that raises
 DIE_ENV = "FAKE_STAGE_DIE"  # name of a stage that kills its process after its first piece
-SLOW_ENV = "FAKE_STAGE_SLOW_S"  # seconds stage `one` sleeps (concurrency test)
+GATE_ENV = "FAKE_STAGE_GATE"  # a file stage `one` waits for before it goes on (concurrency test)
 LOG_ENV = "FAKE_STAGE_LOG"  # a file every stage run appends "<stage> <pid>" to
 
 
@@ -64,7 +64,9 @@ def _write_json(path: Path, value: object) -> None:
 def run_one(cfg, inputs, out, ctx):
     """Writes two pieces (resumable: a piece already there is kept) and a plot."""
     _log("one")
-    time.sleep(float(os.environ.get(SLOW_ENV, "0")))
+    gate = os.environ.get(GATE_ENV)
+    while gate and not os.path.exists(gate):
+        time.sleep(0.01)
     resumed = []
     for piece in range(2):
         path = out / f"piece{piece}.json"

@@ -5,7 +5,6 @@ import json
 import multiprocessing
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -138,8 +137,10 @@ def test_killed_stage_leaves_no_manifest_and_the_rerun_resumes(workdir, monkeypa
 
 
 def test_two_runs_at_once_produce_each_output_once(workdir, tmp_path, monkeypatch, capfd):
-    log = tmp_path / "calls.log"
-    monkeypatch.setenv(fake_stages.SLOW_ENV, "1.5")
+    """No sleeps to race: the first run holds stage one's lock (waiting at a gate)
+    until the second has said it waits for it."""
+    log, gate = tmp_path / "calls.log", tmp_path / "gate"
+    monkeypatch.setenv(fake_stages.GATE_ENV, str(gate))
     monkeypatch.setenv(fake_stages.LOG_ENV, str(log))
     results: dict[str, dict[str, bool]] = {}
 
@@ -148,17 +149,22 @@ def test_two_runs_at_once_produce_each_output_once(workdir, tmp_path, monkeypatc
 
     first = threading.Thread(target=runner, args=("first",))
     first.start()
-    deadline = time.monotonic() + 60
     while not (log.exists() and log.read_text()):  # the first run is inside stage one, holding its lock
-        assert first.is_alive() and time.monotonic() < deadline
-        time.sleep(0.05)
+        first.join(timeout=0.05)
+        assert first.is_alive()
     second = threading.Thread(target=runner, args=("second",))
     second.start()
+    said = ""
+    while "waiting for another run producing one" not in said:
+        said += capfd.readouterr().err
+        second.join(timeout=0.05)
+        assert second.is_alive()
+    gate.touch()
     first.join(timeout=120)
     second.join(timeout=120)
     assert results == {"first": {"one": False, "two": False, "three": False},
                        "second": {"one": True, "two": True, "three": True}}
-    assert capfd.readouterr().err.count("waiting for another run producing one") == 1
+    assert (said + capfd.readouterr().err).count("waiting for another run producing one") == 1
     assert sorted(line.split()[0] for line in log.read_text().splitlines()) == ["one", "three", "two"]
 
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import pytest
 
@@ -70,8 +69,10 @@ def test_other_keys_and_clear(tmp_path):
     store.prepare("s", "k3", clear=False)  # unfinished: not an output
     assert store.other_keys("s", "k1") == ["k2"]
     assert store.other_keys("t", "k1") == []
-    out = store.prepare("s", "k1", clear=True)
-    assert list(out.iterdir()) == [] and not store.exists("s", "k1")
+    out = store.prepare("s", "k3", clear=True)  # unfinished: removed
+    assert out == store.path("s", "k3") and list(out.iterdir()) == []
+    out = store.prepare("s", "k1", clear=True)  # finished: kept until the new one is complete
+    assert list(out.iterdir()) == [] and store.exists("s", "k1")
 
 
 def test_corrupt_manifest_is_a_user_error(tmp_path):
@@ -83,21 +84,62 @@ def test_corrupt_manifest_is_a_user_error(tmp_path):
 
 
 def test_lock_makes_the_second_holder_wait(tmp_path, capsys):
+    """No sleeps to race: the first holder keeps the lock until the second has said it waits."""
     store = ArtifactStore(tmp_path)
     events = []
+    first_in, release = threading.Event(), threading.Event()
 
-    def hold():
+    def first():
         with store.locked("s", "k1"):
             events.append("first in")
-            time.sleep(0.6)
+            first_in.set()
+            release.wait()
             events.append("first out")
 
-    thread = threading.Thread(target=hold)
-    thread.start()
-    while not events:
-        time.sleep(0.01)
-    with store.locked("s", "k1", notify_after_s=0.1):
-        events.append("second in")
-    thread.join()
+    def second():
+        with store.locked("s", "k1", notify_after_s=0.1):
+            events.append("second in")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads[0].start()
+    first_in.wait()
+    threads[1].start()
+    said = ""
+    while "waiting for another run producing s (k1)" not in said:
+        said += capsys.readouterr().err
+        threads[1].join(timeout=0.05)
+    release.set()
+    for thread in threads:
+        thread.join()
     assert events == ["first in", "first out", "second in"]
-    assert "waiting for another run producing s (k1)" in capsys.readouterr().err
+
+
+def test_force_keeps_the_old_output_until_the_new_one_is_complete(tmp_path):
+    store = ArtifactStore(tmp_path)
+    produce(store)
+    made = store.prepare("s", "k1", clear=True)
+    assert made != store.path("s", "k1") and made.name == "k1"
+    assert store.exists("s", "k1") and store.verify("s", "k1") == []  # still whole and in use
+    (made / "a.bin").write_bytes(b"new")
+    store.write_manifest("s", "k1", version="1", upstream={}, run_id="r2", timings={}, metrics={}, summary=[],
+                         out=made)
+    assert store.manifest("s", "k1")["mlflow_run_id"] == "r1"  # not published yet
+    assert store.publish("s", "k1", made) == store.path("s", "k1")
+    assert store.manifest("s", "k1")["mlflow_run_id"] == "r2"
+    assert (store.path("s", "k1") / "a.bin").read_bytes() == b"new" and store.verify("s", "k1") == []
+    assert not (store.path("s", "k1") / "sub").exists() and not made.exists()
+
+
+def test_damaged_files_are_found_and_set_aside(tmp_path):
+    store = ArtifactStore(tmp_path)
+    produce(store)
+    out = store.path("s", "k1")
+    assert store.damaged("s", "k1") == []
+    (out / "sub" / "b.txt").write_text("")  # emptied
+    (out / "a.bin").write_bytes(b"abd")  # same size, other bytes
+    assert store.damaged("s", "k1") == ["a.bin", "sub/b.txt"]
+    store.set_aside("s", "k1", store.damaged("s", "k1"))
+    assert not store.exists("s", "k1") and (out / "manifest.damaged.json").is_file()
+    assert not (out / "a.bin").exists() and not (out / "sub" / "b.txt").exists()
+    (out / MANIFEST).write_text("{torn")
+    assert store.damaged("s", "k1") == [MANIFEST]

@@ -164,3 +164,46 @@ def test_missing_directory_and_ambiguous_ids(tmp_path):
         write_v5(tmp_path / name, {"boxes": RAW_BOXES, "scores": RAW_SCORES})
     with pytest.raises(UserError, match="several MCG files match image 5"):
         locate_mcg_files(tmp_path, [(5, "000000000005.jpg")])
+
+
+@pytest.mark.parametrize("case", ["nan box", "inf score", "group for boxes", "damaged v73", "text scores",
+                                  "truncated v5"])
+def test_damaged_mcg_files_name_the_file(tmp_path, case):
+    path = tmp_path / "COCO_val2014_000000000042.mat"
+    boxes = np.array([[1, 1, 10, 10], [2, 2, 20, 20]], dtype=np.float64)
+    if case == "nan box":
+        boxes[1, 2] = np.nan
+        write_v5(path, {"boxes": boxes, "scores": np.array([[0.9], [0.8]])})
+        message = "1 NaN or infinite value\\(s\\) in the boxes"
+    elif case == "inf score":
+        write_v73(path, {"boxes": boxes, "scores": np.array([[0.9], [np.inf]])})
+        message = "1 NaN or infinite value\\(s\\) in the scores"
+    elif case == "group for boxes":
+        write_v73(path, {"scores": np.array([[0.9], [0.8]])})
+        with h5py.File(path, "r+") as f:
+            f.create_group("boxes")
+        message = "'boxes' is a Group, not a numeric array"
+    elif case == "damaged v73":
+        write_v73(path, {"boxes": boxes, "scores": np.array([[0.9], [0.8]])})
+        data = path.read_bytes()
+        path.write_bytes(data[:600])
+        message = "damaged MATLAB v7.3|not a readable MATLAB file"
+    elif case == "text scores":
+        write_v5(path, {"boxes": boxes, "scores": np.array(["ab", "cd"])})
+        message = "'scores' holds <U2, not numbers"
+    else:
+        write_v5(path, {"boxes": boxes, "scores": np.array([[0.9], [0.8]])})
+        path.write_bytes(path.read_bytes()[:200])
+        message = "not a readable MATLAB file"
+    with pytest.raises(UserError, match=f"{path.name}: ({message})"):
+        load_mcg_proposals(path, width=40, height=30)
+
+
+def test_huge_mcg_arrays_are_refused_before_reading(tmp_path, monkeypatch):
+    import proposals.mcg as mcg
+
+    path = tmp_path / "big.mat"
+    write_v73(path, {"boxes": np.ones((50, 4)), "scores": np.ones((50, 1))})
+    monkeypatch.setattr(mcg, "MAX_VALUES", 100)  # the real limit is 50 million values; the rule is the same
+    with pytest.raises(UserError, match="'boxes' holds 200 values, more than the 100"):
+        load_mcg_proposals(path, width=40, height=30)

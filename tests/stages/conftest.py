@@ -7,6 +7,7 @@ that changes files works on a copy.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,9 @@ class FakeContext:
 
     def log_params(self, params):
         pass
+
+    def graceful_stop(self):
+        return contextlib.nullcontext(lambda: False)
 
     def map(self, fn, items, desc, gpu=False):
         items = list(items)

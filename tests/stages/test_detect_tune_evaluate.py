@@ -143,7 +143,7 @@ def test_repeated_and_extended_study_resumes(smoke_run, tmp_path):
     assert best["AP"] == max(t.value for t in after)
 
 
-def test_trial_left_running_by_a_kill_is_failed_on_resume(smoke_run, tmp_path):
+def test_trial_left_running_by_a_kill_is_taken_up_with_its_own_params(smoke_run, tmp_path):
     cfg = smoke_run.cfg
     out = copy_artifact(smoke_run.dirs["tune"], tmp_path)
     (out / "manifest.json").unlink()
@@ -154,14 +154,62 @@ def test_trial_left_running_by_a_kill_is_failed_on_resume(smoke_run, tmp_path):
                         "vote_iou": optuna.distributions.FloatDistribution(*cfg.tune.vote_iou)})
     assert orphan.number == cfg.tune.trials
 
-    tune_stage.run(_with_trials(cfg, cfg.tune.trials + 1), _tune_inputs(smoke_run), out, FakeContext(tmp_path))
+    ctx = FakeContext(tmp_path)
+    tune_stage.run(_with_trials(cfg, cfg.tune.trials + 2), _tune_inputs(smoke_run), out, ctx)
 
     trials = _journal_trials(out / "study.journal")
-    states = [t.state for t in trials]
-    assert states[orphan.number] == optuna.trial.TrialState.FAIL
-    assert states.count(optuna.trial.TrialState.COMPLETE) == cfg.tune.trials + 1
-    assert optuna.trial.TrialState.RUNNING not in states
-    assert trials[-1].number == orphan.number + 1 and trials[-1].state == optuna.trial.TrialState.COMPLETE
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * (cfg.tune.trials + 2)
+    assert trials[orphan.number].params == orphan.params
+    evaluated = [task["params"] for _, items in ctx.maps for task in items]
+    assert evaluated == [orphan.params, trials[-1].params]
+    assert trials[-1].params == tune_stage.trial_params(cfg.tune, seed=cfg.seed, number=orphan.number + 1)
+
+
+@pytest.mark.parametrize("sampler", ["random", "sobol", "tpe"])
+def test_a_study_killed_anywhere_ends_as_the_uninterrupted_one(smoke_run, tmp_path, sampler):
+    """A SIGKILL leaves the journal cut at a record boundary (Optuna appends one
+    record per write); cut it there, resume, and get the uninterrupted study."""
+    cfg = dataclasses.replace(smoke_run.cfg, tune=dataclasses.replace(smoke_run.cfg.tune, sampler=sampler,
+                                                                      trials=7, parallel=2))
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    tune_stage.run(cfg, _tune_inputs(smoke_run), whole, FakeContext(tmp_path))
+    expected = [(t.number, t.params, t.value, t.state) for t in _journal_trials(whole / "study.journal")]
+    lines = (whole / "study.journal").read_bytes().splitlines(keepends=True)
+    for cut in (len(lines) * 2 // 5, len(lines) * 3 // 4 + 1):  # mid-study, in different batches
+        killed = tmp_path / f"killed{cut}"
+        killed.mkdir()
+        (killed / "study.journal").write_bytes(b"".join(lines[:cut]))
+        tune_stage.run(cfg, _tune_inputs(smoke_run), killed, FakeContext(tmp_path))
+        resumed = [(t.number, t.params, t.value, t.state) for t in _journal_trials(killed / "study.journal")]
+        assert resumed == expected, cut
+        best = json.loads((killed / "best.json").read_text())
+        assert best == json.loads((whole / "best.json").read_text())
+
+
+def test_torn_journal_is_repaired_and_the_study_resumes(smoke_run, tmp_path):
+    cfg = smoke_run.cfg
+    out = copy_artifact(smoke_run.dirs["tune"], tmp_path)
+    (out / "manifest.json").unlink()
+    journal = out / "study.journal"
+    whole = journal.read_bytes()
+    journal.write_bytes(whole[:-7])  # a run killed while appending the last record
+
+    tune_stage.run(cfg, _tune_inputs(smoke_run), out, FakeContext(tmp_path))
+
+    trials = _journal_trials(journal)
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * cfg.tune.trials
+    assert json.loads((out / "best.json").read_text()) == json.loads(
+        (smoke_run.dirs["tune"] / "best.json").read_text())
+
+
+def test_damaged_journal_line_is_a_user_error(smoke_run, tmp_path):
+    out = copy_artifact(smoke_run.dirs["tune"], tmp_path)
+    journal = out / "study.journal"
+    lines = journal.read_bytes().split(b"\n")
+    journal.write_bytes(b"\n".join([lines[0], b"{not json", *lines[1:]]))
+    with pytest.raises(UserError, match="study.journal: line 2 is not a journal record"):
+        tune_stage.repair_journal(journal)
 
 
 # ----------------------------------------------------------------------------- evaluate

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from ion.errors import UserError
+from ion.errors import Interrupted, UserError
 from ion.engine.checkpoint import CheckpointFiles, load_checkpoint
 from ion.engine.loop import NonFiniteLossError, TrainSample, enter_phase, train
 from ion.engine.optim import build_optimizer, momentum_buffers
@@ -185,6 +185,20 @@ def test_killed_and_resumed_run_ends_bitwise_equal(tmp_path, uninterrupted, kill
     assert_states_equal(last["model"], ref_last["model"])
     assert without_speed(result.history) == without_speed(ref_result.history)
     assert result.iterations == ref_result.iterations == 9
+
+
+def test_stop_request_checkpoints_the_update_and_the_resume_ends_bitwise_equal(tmp_path, uninterrupted):
+    """A SIGTERM in the CLI turns should_stop() True: the engine finishes the
+    update, checkpoints it (iteration 2 is no checkpoint_every multiple) and stops."""
+    ref_model, ref_result, ref_last = uninterrupted
+    updates = []
+    with pytest.raises(Interrupted, match="training stopped after iteration 2; checkpoint: .*last.pt"):
+        run(tmp_path, on_iteration=updates.append, should_stop=lambda: len(updates) >= 2)
+    saved = load_checkpoint(tmp_path / "last.pt")
+    assert saved["iteration"] == 2 and updates == [1, 2]
+    model, result, _ = run(tmp_path, resume=saved, model=new_model(seed=99))
+    assert_states_equal(model.state_dict(), ref_model.state_dict())
+    assert without_speed(result.history) == without_speed(ref_result.history)
 
 
 def test_checkpoint_files_and_contents(uninterrupted, tmp_path):
@@ -599,6 +613,10 @@ class StageContext:
 
     def train_placement(self):
         return False, False  # one CPU process, as RunContext for train_workers 1 on the CPU
+
+    def graceful_stop(self):
+        import contextlib
+        return contextlib.nullcontext(lambda: False)
 
 
 def tiny_stage_config(**train):
