@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from ion.errors import UserError
 from pipeline.cluster import Cluster
-from pipeline.graph import SHORT_KEY, Stage, cache_keys
+from pipeline.graph import SHORT_KEY, Stage, cache_materials
 from pipeline.run_context import RunContext
 from ion.schema import to_plain, to_yaml
 from pipeline.store import MANIFEST, ArtifactStore
@@ -87,7 +87,8 @@ def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], 
     """
     workdir = Path(cfg.runtime.workdir)
     store = ArtifactStore(workdir)
-    keys = cache_keys(stages, cfg)
+    materials = cache_materials(stages, cfg)
+    keys = {name: key for name, (key, _) in materials.items()}
     check_upstream(stages, selected, keys, store, force=force, command=command)
 
     config_text = to_yaml(cfg)
@@ -98,8 +99,9 @@ def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], 
     outcomes = []
     try:
         for stage in selected:
-            outcomes.append(_run_one(stage, cfg, keys=keys, store=store, tracker=tracker, parent=parent,
-                                     cluster=cluster, force=force, config_text=config_text))
+            outcomes.append(_run_one(stage, cfg, keys=keys, material=materials[stage.name][1], store=store,
+                                     tracker=tracker, parent=parent, cluster=cluster, force=force,
+                                     config_text=config_text))
     except KeyboardInterrupt:
         parent.finish(KILLED, error="interrupted")
         raise
@@ -117,8 +119,9 @@ def _error_text(err: BaseException) -> str:
     return str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
 
 
-def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], store: ArtifactStore, tracker: Tracker,
-             parent: TrackedRun, cluster: Cluster, force: bool, config_text: str) -> StageOutcome:
+def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], material: dict, store: ArtifactStore,
+             tracker: Tracker, parent: TrackedRun, cluster: Cluster, force: bool,
+             config_text: str) -> StageOutcome:
     key = keys[stage.name]
     start = time.perf_counter()
     if not force and store.exists(stage.name, key):
@@ -148,7 +151,8 @@ def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], store: ArtifactSto
         metrics = {k: float(v) for k, v in result.metrics.items()}
         store.write_manifest(stage.name, key, version=stage.version,
                              upstream={u: keys[u] for u in stage.upstream}, run_id=run.run_id,
-                             timings={"run_s": round(seconds, 3)}, metrics=metrics, summary=list(result.summary))
+                             timings={"run_s": round(seconds, 3)}, metrics=metrics, summary=list(result.summary),
+                             material=material)
     run.log_metrics(metrics)
     run.log_file(out / MANIFEST)
     if (out / PLOTS_DIR).is_dir():

@@ -27,7 +27,8 @@ def test_status_cached_stale_missing(workdir):
     lines = format_status(statuses, store).splitlines()
     assert lines[0] == f"workdir: {workdir}"
     assert lines[4] == f"one        {keys['one'][:12]}  cached    {report.outcomes[0].run_id}"
-    assert lines[5] == f"two        {keys['two'][:12]}  stale     -  (an older output: {old['two'][:12]})"
+    assert lines[5] == f"two        {keys['two'][:12]}  stale     -  (changed: config beta.b)"
+    assert keys["two"] != old["two"]
     assert lines[6] == f"three      {keys['three'][:12]}  missing   -"
 
 
