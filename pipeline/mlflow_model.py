@@ -16,6 +16,7 @@ mlflow's class. It is imported only where a model is logged or loaded.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ class IonDetectorModel(mlflow.pyfunc.PythonModel):
         self.predictor, self.notes = make_predictor(cfg, model_dir=artifacts[ARTIFACT_MODEL_JSON].parent,
                                                     rpn_weights=artifacts.get(ARTIFACT_RPN), best=best)
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None):
+    def predict(self, context, model_input, params=None):  # no type hints: MLflow would read a schema from them
         import pandas as pd
 
         from ion.data.images import load_image
@@ -101,8 +102,16 @@ def save_detector_model(path: Path, artifacts: dict[str, Path], config_text: str
         requirements = [f"{name}=={importlib.metadata.version(name)}"
                         for name in ("torch", "torchvision", "numpy", "pillow", "opencv-contrib-python-headless")
                         if _installed(name)]
-        mlflow.pyfunc.save_model(str(path), python_model=IonDetectorModel(), artifacts=files,
-                                 pip_requirements=requirements)
+        # MLflow warns on every save that a pickled PythonModel runs code when loaded; ours is
+        # a class of this project, loaded only from runs the user's own pipeline logged.
+        logger = logging.getLogger("mlflow.pyfunc")
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            mlflow.pyfunc.save_model(str(path), python_model=IonDetectorModel(), artifacts=files,
+                                     pip_requirements=requirements)
+        finally:
+            logger.setLevel(level)
     return path
 
 

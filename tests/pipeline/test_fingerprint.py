@@ -81,3 +81,24 @@ def test_folders_and_large_files_are_summarised_not_hashed(tmp_path, monkeypatch
     assert input_fingerprint(big) != first
     assert input_fingerprint(tmp_path / "absent") == "missing"
     assert input_fingerprint(tmp_path).startswith("folder files=1 bytes=100 ")
+
+
+def test_replacing_the_coco_annotations_in_place_changes_the_data_key(tmp_path):
+    import shutil
+
+    from pipeline.config import load_config
+    from pipeline.graph import registered_stages
+
+    source = "/work/shared/data/coco-mini/annotations/instances_train2017.json"
+    if not os.path.isfile(source):
+        import pytest
+        pytest.skip(f"{source}: not here")
+    annotations = tmp_path / "instances_train2017.json"
+    shutil.copy(source, annotations)
+    cfg = load_config("coco_mini", [f"data.coco.train_annotations={annotations}"], workdir=tmp_path)
+    stages = registered_stages()
+    before = cache_keys(stages, cfg)
+    annotations.write_bytes(annotations.read_bytes() + b"\n")  # same path, new content
+    after = cache_keys(stages, cfg)
+    assert {s for s in before if before[s] != after[s]} == set(STAGES)  # data, and through it everything
+    assert after["data"] != before["data"]
