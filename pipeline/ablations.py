@@ -261,7 +261,8 @@ def run_ablations(*, configs: Sequence[Path] | None, overrides: Sequence[str], w
     for i, v in enumerate(variants, 1):
         print(f"[{i}/{len(variants)}] {v.name}: config {display_path(v.path)} | workdir {root} | "
               f"stages {','.join(s.name for s in selected)}", flush=True)
-        tracker = Tracker(tracking_uri=tracking_uri_for(root), experiment=v.cfg.name, workdir=root)
+        tracker = Tracker(tracking_uri=tracking_uri_for(root), experiment=v.cfg.name, workdir=root,
+                          config_file=v.path)
         report = run_stages(v.cfg, stages=stages, selected=selected, tracker=tracker,
                             command=_run_command(v, overrides, workdir), run_name=stages_spec,
                             tags={"command": command, "ablation": v.name})

@@ -1,4 +1,4 @@
-"""The command line: `python -m pipeline run | status | ablations | config-docs`.
+"""The command line: `python -m pipeline run | status | gc | predict | ablations | config-docs`.
 
 A `UserError` prints `error: <message>` on stderr and exits with status 2, no
 traceback; Ctrl-C exits with 130, SIGTERM with 143, both at a safe point with the
@@ -47,6 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="what is cached, stale or missing for a config")
     status.add_argument("--verify", action="store_true", help="also re-checksum every cached output")
     config_flags(status)
+    gc = commands.add_parser(
+        "gc", help="list (and with --yes delete) stage outputs that no given config uses",
+        description="Lists every output under <workdir>/artifacts whose key is not the current key of its stage "
+                    "for any of the given configs (default: the default config only; give --config once per "
+                    "config whose outputs you want to keep). --yes deletes them.")
+    gc.add_argument("--config", dest="configs", type=Path, action="append", default=None, metavar="CONFIG",
+                    help="a config whose current outputs are kept (repeatable; default: default)")
+    gc.add_argument("-o", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one config value in every --config (repeatable)")
+    gc.add_argument("--workdir", type=Path, default=None,
+                    help="directory for artifacts (overrides runtime.workdir of the first config)")
+    gc.add_argument("--yes", action="store_true", help="delete the listed outputs")
+    from pipeline.predict_command import add_predict_parser
+    add_predict_parser(commands, config_flags)
     ablations = commands.add_parser("ablations", help="run every ablation config, then tabulate their test AP "
                                                       "(pipeline/ablations.py)")
     ablations.add_argument("--configs", nargs="+", type=Path, default=None, metavar="YAML",
@@ -98,7 +112,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     workdir = Path(cfg.runtime.workdir)
     print(f"config {display_path(config_path(args.config or DEFAULT_CONFIG))} | workdir {workdir} | "
           f"stages {','.join(s.name for s in selected)}{' (--force)' if args.force else ''}", flush=True)
-    tracker = Tracker(tracking_uri=tracking_uri_for(workdir), experiment=cfg.name, workdir=workdir)
+    tracker = Tracker(tracking_uri=tracking_uri_for(workdir), experiment=cfg.name, workdir=workdir,
+                      config_file=config_path(args.config or DEFAULT_CONFIG))
     tracker.check_reachable()
     report = run_stages(cfg, stages=stages, selected=selected, tracker=tracker, force=args.force,
                         command=_rerun_command(args), run_name=args.stages,
@@ -113,6 +128,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
     store = ArtifactStore(Path(cfg.runtime.workdir))
     print(format_status(stage_statuses(registered_stages(), cfg, store, verify=args.verify), store))
     return 0
+
+
+def _cmd_gc(args: argparse.Namespace) -> int:
+    from pipeline.gc import delete_output, format_unused, unused_outputs
+
+    configs = [load_config(c, args.overrides, workdir=args.workdir) for c in (args.configs or [DEFAULT_CONFIG])]
+    store = ArtifactStore(Path(configs[0].runtime.workdir))
+    items = unused_outputs(registered_stages(), configs, store)
+    print(f"workdir: {store.workdir}")
+    deleted = [delete_output(item) for item in items] if args.yes else None
+    print(format_unused(items, deleted=deleted))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.predict_command import run_predict
+
+    return run_predict(args, _load(args))
 
 
 def _cmd_ablations(args: argparse.Namespace) -> int:
@@ -133,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
-    handlers = {"run": _cmd_run, "status": _cmd_status, "ablations": _cmd_ablations,
+    handlers = {"run": _cmd_run, "status": _cmd_status, "gc": _cmd_gc, "predict": _cmd_predict,
+                "ablations": _cmd_ablations,
                 "config-docs": _cmd_config_docs}
     if args.command is None:
         parser.print_help(sys.stderr)

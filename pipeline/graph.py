@@ -3,6 +3,12 @@
 The one place that lists the stages. A stage is a module stages/<name>.py with
 NAME, VERSION, READS, UPSTREAM and run (docs/CONTRACTS.md, "Stage API"); only
 modules that exist are registered, so the graph grows as stages are written.
+
+A stage's key covers everything its output depends on: its name and VERSION,
+the canonical JSON of the config fields it READS, the fingerprint of the
+project source it runs (pipeline/fingerprint.py), the fingerprints of the
+external files those fields name, and its upstream keys. The material behind
+a key is kept in the output's manifest, so `status` can say what changed.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 from ion.errors import UserError
 from ion.schema import section_json
+from pipeline.fingerprint import code_fingerprint, code_modules, input_fingerprints
 
 # The data flow: every stage consumes only stages listed before it.
 STAGE_NAMES = ("data", "proposals", "train", "detect", "tune", "evaluate")
@@ -32,6 +39,7 @@ class Stage:
     reads: tuple[str, ...]
     upstream: tuple[str, ...]
     run: Callable[..., Any]
+    module: str = ""  # the stage module's import name: whose source its key fingerprints
 
     @classmethod
     def from_module(cls, module: ModuleType | Any) -> "Stage":
@@ -41,7 +49,7 @@ class Stage:
         if missing:
             raise TypeError(f"stage module {label} lacks {', '.join(missing)} (see docs/CONTRACTS.md, Stage API)")
         stage = cls(name=module.NAME, version=module.VERSION, reads=tuple(module.READS),
-                    upstream=tuple(module.UPSTREAM), run=module.run)
+                    upstream=tuple(module.UPSTREAM), run=module.run, module=getattr(module, "__name__", ""))
         if not isinstance(stage.version, str) or not stage.version:
             raise TypeError(f"stage module {label}: VERSION must be a non-empty string")
         if not callable(stage.run):
@@ -101,23 +109,44 @@ def select_stages(stages: Sequence[Stage], spec: str) -> tuple[Stage, ...]:
     return tuple(s for s in stages if s.name in chosen)
 
 
-def stage_key(stage: Stage, cfg: Any, upstream_keys: dict[str, str]) -> str:
-    """sha256 of the stage name, its version, the canonical JSON of each READS field, its upstream keys."""
+def key_material(stage: Stage, cfg: Any, upstream_keys: dict[str, str]) -> dict[str, Any]:
+    """What a stage's key is made of, in full (the manifest keeps it): the READS fields' canonical
+    JSON, the upstream keys, the code fingerprint with each module's sha256, the input files'."""
     for name in stage.reads:
         if not hasattr(cfg, name):
             raise TypeError(f"stage {stage.name!r} READS {name!r}, which is not a config field")
-    material = {
+    modules = code_modules(stage.module) if stage.module else {}
+    return {
         "stage": stage.name,
         "version": stage.version,
         "reads": {name: section_json(cfg, name) for name in stage.reads},
         "upstream": {name: upstream_keys[name] for name in stage.upstream},
+        "code": {"fingerprint": code_fingerprint(modules), "modules": modules},
+        "inputs": input_fingerprints(cfg, stage.reads),
     }
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def key_of(material: dict[str, Any]) -> str:
+    """sha256 of the material, with the code and input files by their fingerprints."""
+    hashed = {**material, "code": material["code"]["fingerprint"],
+              "inputs": {k: v["fingerprint"] for k, v in material["inputs"].items()}}
+    return hashlib.sha256(json.dumps(hashed, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def stage_key(stage: Stage, cfg: Any, upstream_keys: dict[str, str]) -> str:
+    """The stage's cache key (module docstring)."""
+    return key_of(key_material(stage, cfg, upstream_keys))
+
+
+def cache_materials(stages: Sequence[Stage], cfg: Any) -> dict[str, tuple[str, dict[str, Any]]]:
+    """(key, material) of every stage, in pipeline order (a key covers its upstream keys)."""
+    found: dict[str, tuple[str, dict[str, Any]]] = {}
+    for stage in stages:
+        material = key_material(stage, cfg, {name: key for name, (key, _) in found.items()})
+        found[stage.name] = (key_of(material), material)
+    return found
 
 
 def cache_keys(stages: Sequence[Stage], cfg: Any) -> dict[str, str]:
     """The key of every stage, in pipeline order (a key covers its upstream keys)."""
-    keys: dict[str, str] = {}
-    for stage in stages:
-        keys[stage.name] = stage_key(stage, cfg, keys)
-    return keys
+    return {name: key for name, (key, _) in cache_materials(stages, cfg).items()}

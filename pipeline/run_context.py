@@ -14,9 +14,17 @@ T = TypeVar("T")
 
 
 class _Tracked(Protocol):
+    run_id: str
+
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None: ...
 
     def log_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+
+    def log_model(self, artifacts: Mapping[str, Path], config_text: str) -> None: ...
+
+    def log_to_model(self, path: Path, relative: str) -> None: ...
 
 
 class _Mapper(Protocol):
@@ -27,12 +35,24 @@ class RunContext:
     """The `StageContext` the runner hands a stage: its MLflow run and the invocation's Ray."""
 
     def __init__(self, *, workdir: Path, runtime: RuntimeConfig, run: _Tracked, mapper: _Mapper,
-                 stops: StopSignals = NO_SIGNALS) -> None:
+                 stops: StopSignals = NO_SIGNALS, config_text: str = "",
+                 model_run: _Tracked | None = None) -> None:
         self.workdir = workdir
         self.runtime = runtime
         self._run = run
         self._mapper = mapper
         self._stops = stops
+        self._config_text = config_text
+        self._model_run = model_run  # the run that produced the train output, when there is one
+
+    def log_model(self, artifacts: dict[str, Path]) -> None:
+        self._run.log_model(artifacts, self._config_text)
+
+    def link_to_model(self, path: Path, relative: str) -> None:
+        if self._model_run is None:
+            return
+        self._model_run.log_to_model(path, relative)
+        self._run.set_tags({"model_run_id": self._model_run.run_id})
 
     def graceful_stop(self) -> ContextManager[Callable[[], bool]]:
         return self._stops.graceful()

@@ -8,6 +8,7 @@ upstream output a selected stage needs but that is not selected must exist.
 """
 from __future__ import annotations
 
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any, Sequence
 
 from ion.errors import UserError
 from pipeline.cluster import Cluster
-from pipeline.graph import SHORT_KEY, Stage, cache_keys
+from pipeline.graph import SHORT_KEY, Stage, cache_materials
 from pipeline.run_context import RunContext
 from ion.schema import to_plain, to_yaml
 from pipeline.stopping import NO_SIGNALS, StopSignals
@@ -25,6 +26,7 @@ from pipeline.tracking import FAILED, FINISHED, KILLED, TrackedRun, Tracker, ui_
 from stages.contract import StageResult
 
 PLOTS_DIR = "plots"
+MODEL_STAGE = "train"  # its MLflow run holds the detector as an MLflow model
 _SUMMARY_METRICS = 6  # headline metrics per stage in the end summary
 _SUMMARY_LINES = 4  # summary lines per stage in the end summary
 
@@ -118,21 +120,25 @@ def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], 
     """
     workdir = Path(cfg.runtime.workdir)
     store = ArtifactStore(workdir)
-    keys = cache_keys(stages, cfg)
+    materials = cache_materials(stages, cfg)
+    keys = {name: key for name, (key, _) in materials.items()}
     set_aside_damaged(stages, selected, keys, store, force=force)
     check_upstream(stages, selected, keys, store, force=force, command=command)
     tracker.flush_pending()  # what an earlier run could not send
 
     config_text = to_yaml(cfg)
-    parent = tracker.start_parent(name=run_name, tags={"stages": ",".join(s.name for s in selected),
-                                                       "workdir": str(workdir), **(tags or {})})
+    # Named for the config and the stages asked for: "smoke: all", "default: tune".
+    parent = tracker.start_parent(name=f"{cfg.name}: {run_name}",
+                                  tags={"stages": ",".join(s.name for s in selected), "workdir": str(workdir),
+                                        **(tags or {})})
     parent.log_text(config_text, "config.yaml")
     cluster = Cluster(cfg.runtime, tracking_uri=tracker.tracking_uri)
     outcomes = []
     try:
         for stage in selected:
-            outcomes.append(_run_one(stage, cfg, keys=keys, store=store, tracker=tracker, parent=parent,
-                                     cluster=cluster, force=force, config_text=config_text, stops=stops))
+            outcomes.append(_run_one(stage, cfg, keys=keys, material=materials[stage.name][1], store=store,
+                                     tracker=tracker, parent=parent, cluster=cluster, force=force,
+                                     config_text=config_text, stops=stops))
     except KeyboardInterrupt:
         parent.finish(KILLED, error="interrupted")
         raise
@@ -141,6 +147,7 @@ def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], 
         raise
     finally:
         cluster.close()
+    parent.log_metrics(headline_metrics(outcomes))
     parent.finish(FINISHED)
     pending = tracker.flush_pending()
     return RunReport(outcomes=outcomes, workdir=workdir, tracking_uri=tracker.tracking_uri,
@@ -152,8 +159,8 @@ def _error_text(err: BaseException) -> str:
     return str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
 
 
-def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], store: ArtifactStore, tracker: Tracker,
-             parent: TrackedRun, cluster: Cluster, force: bool, config_text: str,
+def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], material: dict, store: ArtifactStore,
+             tracker: Tracker, parent: TrackedRun, cluster: Cluster, force: bool, config_text: str,
              stops: StopSignals = NO_SIGNALS) -> StageOutcome:
     key = keys[stage.name]
     start = time.perf_counter()
@@ -167,7 +174,8 @@ def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], store: ArtifactSto
         run = tracker.start_stage(parent, stage=stage.name, key=key, cache_hit=False)
         run.log_params({name: to_plain(getattr(cfg, name)) for name in stage.reads})
         run.log_text(config_text, "config.yaml")
-        ctx = RunContext(workdir=store.workdir, runtime=cfg.runtime, run=run, mapper=cluster, stops=stops)
+        ctx = RunContext(workdir=store.workdir, runtime=cfg.runtime, run=run, mapper=cluster, stops=stops,
+                         config_text=config_text, model_run=_model_run(tracker, store, keys))
         inputs = {name: store.path(name, keys[name]) for name in stage.upstream}
         begun = time.perf_counter()
         try:
@@ -188,7 +196,8 @@ def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], store: ArtifactSto
         summary = [line.replace(str(made), str(out)) for line in result.summary]
         store.write_manifest(stage.name, key, version=stage.version,
                              upstream={u: keys[u] for u in stage.upstream}, run_id=run.run_id,
-                             timings={"run_s": round(seconds, 3)}, metrics=metrics, summary=summary, out=made)
+                             timings={"run_s": round(seconds, 3)}, metrics=metrics, summary=summary, out=made,
+                             material=material)
         store.publish(stage.name, key, made)
     run.log_metrics(metrics)
     run.log_file(out / MANIFEST)
@@ -198,6 +207,36 @@ def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], store: ArtifactSto
     return StageOutcome(name=stage.name, key=key, cached=False, seconds=time.perf_counter() - start,
                         produced_seconds=seconds, path=out, run_id=run.run_id, metrics=metrics,
                         summary=summary)
+
+
+def _model_run(tracker: Tracker, store: ArtifactStore, keys: dict[str, str]) -> TrackedRun | None:
+    """The MLflow run that produced this config's train output (it holds the model), if any."""
+    manifest = store.manifest(MODEL_STAGE, keys[MODEL_STAGE]) if MODEL_STAGE in keys else None
+    run_id = manifest.get("mlflow_run_id") if manifest else None
+    return tracker.run(run_id) if run_id else None
+
+
+def headline_metrics(outcomes: Sequence[StageOutcome]) -> dict[str, float]:
+    """What the parent run shows for the stages it ran or reused: test AP, AP50, APs and context AP,
+    the tuned thresholds, training speed, the proposal mix's AR."""
+    by_name = {o.name: o.metrics for o in outcomes}
+    headline: dict[str, float] = {}
+    for key in ("AP", "AP50", "APs", "context_AP"):
+        if key in by_name.get("evaluate", {}):
+            headline[f"test_{key}"] = by_name["evaluate"][key]
+    tune = by_name.get("tune", {})
+    for source, target in (("best_nms_iou", "tuned_nms_iou"), ("best_vote_iou", "tuned_vote_iou"),
+                           ("best_AP", "minival_AP_tuned")):
+        if source in tune:
+            headline[target] = tune[source]
+    if "images_per_s" in by_name.get("train", {}):
+        headline["train_images_per_s"] = by_name["train"]["images_per_s"]
+    recall = [(split, int(m.group(1)), v) for k, v in by_name.get("proposals", {}).items()
+              for split in ("test", "minival") if (m := re.fullmatch(rf"{split}_mix_AR@(\d+)", k))]
+    if recall:
+        split, count, value = max(recall, key=lambda r: (r[0] == "test", r[1]))
+        headline[f"proposal_AR@{count}"] = value
+    return headline
 
 
 def _reuse(stage: Stage, cfg: Any, *, key: str, store: ArtifactStore, tracker: Tracker, parent: TrackedRun,

@@ -72,6 +72,32 @@ class ArtifactStore:
             return []
         return sorted(p.name for p in folder.iterdir() if p.name != key and (p / MANIFEST).is_file())
 
+    def latest_other(self, stage: str, key: str) -> dict[str, Any] | None:
+        """The manifest of the most recently written output of `stage` under a key other than
+        `key`: what the current config would have reused before something changed."""
+        found = []
+        for other in self.other_keys(stage, key):
+            path = self.path(stage, other) / MANIFEST
+            try:
+                found.append((path.stat().st_mtime_ns, other))
+            except FileNotFoundError:
+                continue
+        for _, other in sorted(found, reverse=True):
+            try:
+                manifest = self.manifest(stage, other)
+            except UserError:
+                continue
+            if manifest is not None:
+                return manifest
+        return None
+
+    def outputs(self, stage: str) -> list[Path]:
+        """Every output directory of `stage`, finished or not."""
+        folder = self.root / stage
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.is_dir())
+
     @contextlib.contextmanager
     def locked(self, stage: str, key: str, *, notify_after_s: float = 1.0) -> Iterator[None]:
         """Hold `<stage>/<key>.lock`; tell the user when another run holds it and we wait."""
@@ -122,9 +148,13 @@ class ArtifactStore:
 
     def write_manifest(self, stage: str, key: str, *, version: str, upstream: dict[str, str],
                        run_id: str | None, timings: dict[str, float], metrics: dict[str, float],
-                       summary: list[str], out: Path | None = None) -> dict[str, Any]:
+                       summary: list[str], out: Path | None = None,
+                       material: dict[str, Any] | None = None) -> dict[str, Any]:
         """Checksum every file of the output (in `out`, default its place) and write
-        manifest.json last, atomically."""
+        manifest.json last, atomically.
+
+        `material` is what the key was made of (pipeline.graph.key_material): `status` compares
+        it with the current one to say why an output is stale."""
         out = self.path(stage, key) if out is None else out
         files = {}
         for path in sorted(p for p in out.rglob("*") if p.is_file()):
@@ -142,6 +172,7 @@ class ArtifactStore:
             "timings": timings,
             "metrics": metrics,
             "summary": summary,
+            "material": material,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")

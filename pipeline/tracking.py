@@ -1,8 +1,13 @@
 """MLflow adapter: the only module that imports mlflow.
 
-One experiment per config name; one parent run per `pipeline run` invocation;
+One experiment per config name (tagged as a model-development experiment, so
+`mlflow ui` opens on its training runs); one parent run per `pipeline run`
+invocation, named `<config name>: <stages>`, holding the headline results;
 one nested child run per stage (tags stage, cache_key, cache_hit; a cached
 stage's run points to the run that produced the output with `produced_by`).
+Every run is tagged with the code version (pipeline/code_version.py) and the
+config file's sha256. The train stage's run holds the detector as an MLflow
+model (pipeline/mlflow_model.py).
 Uses `MlflowClient` with explicit run ids, no global active-run state, so one
 client (one import, one set of sqlite migrations) serves the whole invocation.
 
@@ -17,10 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import re
 import sqlite3
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -42,6 +47,7 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars while a model is saved
 
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
@@ -50,14 +56,20 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH  # noqa: E402
 
 from ion.errors import UserError  # noqa: E402
+from pipeline.code_version import code_version  # noqa: E402
 from pipeline.pending import PendingRecords  # noqa: E402
 from pipeline.runtime import MLFLOW_DB, TRACKING_URI_ENV, tracking_uri_for  # noqa: E402
 from ion.schema import flatten  # noqa: E402
 
-__all__ = ["FAILED", "FINISHED", "KILLED", "TrackedRun", "Tracker", "tracking_uri_for", "ui_hint"]
+__all__ = ["FAILED", "FINISHED", "KILLED", "TrackedRun", "Tracker", "download_artifacts", "tracking_uri_for",
+           "ui_hint"]
 
 ARTIFACTS_DIR = "mlartifacts"
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
+CODE_VERSION_TAG = "code_version"
+CONFIG_SHA_TAG = "config_sha256"
+# MLflow 3's UI opens an experiment on the view its kind names; this one holds training runs.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def ui_hint(tracking_uri: str) -> str:
@@ -134,6 +146,28 @@ class TrackedRun:
     def log_dir(self, path: Path, artifact_dir: str) -> None:
         self._tracker.send({"op": "artifact", "run": self.run_id, "path": str(path), "dir": artifact_dir})
 
+    def log_model(self, artifacts: Mapping[str, Path], config_text: str) -> None:
+        """The detector as an MLflow pyfunc model under `model/` (pipeline/mlflow_model.py)."""
+        from pipeline.mlflow_model import MODEL_ARTIFACT_PATH, save_detector_model
+
+        # Built in the workdir, not a temporary folder: a kept record must point at something that stays.
+        staging = self._tracker.text_dir / uuid.uuid4().hex
+        folder = save_detector_model(staging / MODEL_ARTIFACT_PATH, dict(artifacts), config_text)
+        self._tracker.send({"op": "artifact", "run": self.run_id, "path": str(folder), "dir": MODEL_ARTIFACT_PATH,
+                            "remove": str(staging)})
+
+    def log_to_model(self, path: Path, relative: str) -> None:
+        """Put a file into this run's model folder at `relative` (e.g. thresholds/best.json)."""
+        from pipeline.mlflow_model import MODEL_ARTIFACT_PATH
+
+        staging = self._tracker.text_dir / uuid.uuid4().hex
+        staging.mkdir(parents=True, exist_ok=True)
+        target = staging / Path(relative).name
+        target.write_bytes(Path(path).read_bytes())
+        folder = "/".join([MODEL_ARTIFACT_PATH, *Path(relative).parent.parts])
+        self._tracker.send({"op": "artifact", "run": self.run_id, "path": str(target), "dir": folder,
+                            "remove": str(staging)})
+
     def finish(self, status: str, error: str | None = None) -> None:
         if error is not None:
             self.set_tags({"error": error})
@@ -147,7 +181,8 @@ class Tracker:
     a user error (a missing upstream output) creates no database and no experiment.
     """
 
-    def __init__(self, *, tracking_uri: str, experiment: str, workdir: Path) -> None:
+    def __init__(self, *, tracking_uri: str, experiment: str, workdir: Path,
+                 config_file: Path | None = None) -> None:
         self.tracking_uri = tracking_uri
         self._experiment_name = experiment
         self._workdir = Path(workdir).resolve()
@@ -155,6 +190,7 @@ class Tracker:
         self.text_dir = self._workdir / "mlflow_texts"
         self.offline_error: str | None = None  # why records are being kept instead of sent
         self._real_ids: dict[str, str] = {}  # offline run id -> the id MLflow gave it when replayed
+        self._config_file = config_file
 
     # ------------------------------------------------------------------ the store
 
@@ -173,6 +209,19 @@ class Tracker:
             raise UserError(f"{TRACKING_URI_ENV}={self.tracking_uri}: the MLflow server does not answer "
                             f"({reason}); start it (mlflow server --port <port>) or unset {TRACKING_URI_ENV} "
                             f"to track in {self._workdir / MLFLOW_DB}") from None
+
+    @functools.cached_property
+    def common_tags(self) -> dict[str, str]:
+        """Tags of every run: the code version and the config file's sha256."""
+        tags = {CODE_VERSION_TAG: code_version()}
+        if self._config_file is not None and Path(self._config_file).is_file():
+            tags[CONFIG_SHA_TAG] = hashlib.sha256(Path(self._config_file).read_bytes()).hexdigest()
+            tags["config_file"] = str(self._config_file)
+        return tags
+
+    def run(self, run_id: str) -> TrackedRun:
+        """An existing run, by id (the run that produced a cached output)."""
+        return TrackedRun(self, run_id)
 
     @functools.cached_property
     def _client(self) -> MlflowClient:
@@ -224,7 +273,8 @@ class Tracker:
         found = self._client.get_experiment_by_name(name)
         if found is None:
             try:
-                return self._client.create_experiment(name, artifact_location=artifact_uri)
+                return self._client.create_experiment(name, artifact_location=artifact_uri,
+                                                      tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except MlflowException:
                 # Another run created it between our lookup and create.
                 found = self._client.get_experiment_by_name(name)
@@ -232,13 +282,15 @@ class Tracker:
                     raise
         if found.lifecycle_stage == "deleted":
             self._client.restore_experiment(found.experiment_id)
+        if found.tags.get(EXPERIMENT_KIND_TAG) is None:
+            self._client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return found.experiment_id
 
     # ------------------------------------------------------------------ runs
 
     def _create(self, name: str, tags: Mapping[str, Any]) -> TrackedRun:
         record = {"op": "create_run", "run": OFFLINE_PREFIX + uuid.uuid4().hex, "name": name,
-                  "tags": {k: _clip(str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}, "start": _now_ms()}
+                  "tags": {k: _clip(str(v), MAX_TAG_VAL_LENGTH) for k, v in {**self.common_tags, **tags}.items()}, "start": _now_ms()}
         if self.offline_error is None:
             try:
                 return TrackedRun(self, self._apply(record))
@@ -340,3 +392,16 @@ def _drop_migration_leftovers(db: Path) -> bool:
             con.execute(f'DROP TABLE "{name}"')
         con.commit()
     return bool(names)
+
+def download_artifacts(uri: str, dst: Path, *, tracking_uri: str) -> Path:
+    """Download an artifact folder (`runs:/<run id>/model`) into `dst`; UserError naming the URI."""
+    import mlflow.artifacts
+
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
+                                                        tracking_uri=tracking_uri))
+    except (MlflowException, OSError) as err:
+        raise UserError(f"--model-uri {uri}: cannot download it from {tracking_uri} ({_clip(str(err), 300)}); "
+                        f"give runs:/<run id>/model of a train stage run (MLFLOW_TRACKING_URI or --workdir "
+                        f"chooses the store)") from None

@@ -111,6 +111,15 @@ class StageContext(Protocol):
     def progress(self, iterable: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
         """`iterable` with progress."""
 
+    def log_model(self, artifacts: dict[str, Path]) -> None:
+        """Log the trained detector, made of these files (name -> path: model.json, final.pt,
+        rpn.pt), with the run's config as an MLflow model in the stage's run (`model/`)."""
+
+    def link_to_model(self, path: Path, relative: str) -> None:
+        """Add a file to the MLflow model logged by the run that produced the train output
+        (model/<relative>, e.g. thresholds/best.json), and tag this stage's run with that run's id.
+        A no-op when no such run is known."""
+
     def train_placement(self) -> tuple[bool, bool]:
         """(train as a distributed job, with GPUs) for runtime.train_workers and the cluster's GPUs."""
 

@@ -45,6 +45,7 @@ UPSTREAM = ("data", "proposals")
 
 MODEL_FILE = "model.json"
 WEIGHTS_FILE = "final.pt"
+RPN_FILE = "rpn.pt"  # in the proposals stage's output
 RAY_RUN_NAME = "train"
 
 
@@ -90,6 +91,10 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
         "category_ids": list(split.categories.ids), "category_names": list(split.categories.names),
         "weights": WEIGHTS_FILE, "iterations": state["iteration"],
     })
+    rpn = Path(inputs["proposals"]) / RPN_FILE
+    # The detector as an MLflow model, with the RPN that makes the test mix's boxes.
+    ctx.log_model({MODEL_FILE: out / MODEL_FILE, WEIGHTS_FILE: out / WEIGHTS_FILE,
+                   **({RPN_FILE: rpn} if rpn.is_file() else {})})
     plots = plot_loss_curves(state["history"], tcfg.phases, out / "plots")
     history = state["history"]
     final_loss = history[-1]["loss"] if history else float("nan")

@@ -72,6 +72,7 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
               "baseline": {"nms_iou": tcfg.baseline_nms_iou, "vote_iou": None, "AP": baseline},
               "trials": len(trials), "sampler": tcfg.sampler, "candidates": raw_path.name}
     write_json_atomic(out / "best.json", result)
+    ctx.link_to_model(out / "best.json", "thresholds/best.json")  # the thresholds travel with the model
     (out / "plots").mkdir(exist_ok=True)
     _plot_history(trials, baseline, out / "plots" / "history.png")
     _plot_contour(trials, out / "plots" / "contour.png")

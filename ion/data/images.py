@@ -98,6 +98,12 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         # 16-bit greyscale PNG: PIL's convert("RGB") would clip at 255.
         grey = (np.asarray(image, dtype=np.uint16) // 257).astype(np.uint8)  # (H, W)
         return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode == "I":
+        # 32-bit integer pixels: PIL opens some 16-bit greyscale PNGs/TIFFs so. Values above
+        # 255 mean a 16-bit range (scaled down); otherwise the values are already 8-bit.
+        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)  # (H, W)
+        grey = (values // 257 if values.max(initial=0) > 255 else values).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         # Transparent pixels keep whatever colour they store; compose on black so they are defined.
         image = image.convert("RGBA")

@@ -21,11 +21,12 @@ def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
     return {name for name in before if before[name] != after[name]}
 
 
-def test_key_is_sha256_of_name_version_reads_and_upstream_keys():
+def test_key_is_sha256_of_name_version_reads_upstream_keys_code_and_inputs():
     cfg = FakeConfig()
     keys = cache_keys(fake_stages.stages(), cfg)
+    # The fake stages live outside the project packages: no modules to fingerprint, no path fields.
     material = {"stage": "two", "version": "1", "reads": {"beta": '{"b":0.5,"label":null}'},
-                "upstream": {"one": keys["one"]}}
+                "upstream": {"one": keys["one"]}, "code": hashlib.sha256(b"").hexdigest(), "inputs": {}}
     assert keys["two"] == hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
 

@@ -27,7 +27,8 @@ def test_status_cached_stale_missing(workdir):
     lines = format_status(statuses, store).splitlines()
     assert lines[0] == f"workdir: {workdir}"
     assert lines[4] == f"one        {keys['one'][:12]}  cached    {report.outcomes[0].run_id}"
-    assert lines[5] == f"two        {keys['two'][:12]}  stale     -  (an older output: {old['two'][:12]})"
+    assert lines[5] == f"two        {keys['two'][:12]}  stale     -  (changed: config beta.b)"
+    assert keys["two"] != old["two"]
     assert lines[6] == f"three      {keys['three'][:12]}  missing   -"
 
 
@@ -39,3 +40,21 @@ def test_status_verify_finds_modified_outputs(workdir):
     (out / "piece1.json").write_text("{}")
     assert states(workdir, cfg)["one"] == "cached"  # without verify only the manifest is read
     assert states(workdir, cfg, verify=True)["one"] == "modified"
+
+
+def test_gc_lists_and_deletes_outputs_no_given_config_uses(workdir):
+    from pipeline.gc import delete_output, format_unused, unused_outputs
+
+    old, new = config(workdir), config(workdir, beta=Beta(b=0.75))
+    run(old, "all")
+    run(new, "all")
+    store = ArtifactStore(workdir)
+    old_keys, new_keys = cache_keys(fake_stages.stages(), old), cache_keys(fake_stages.stages(), new)
+    unused = unused_outputs(fake_stages.stages(), [new], store)
+    assert {(u.stage, u.key) for u in unused} == {("two", old_keys["two"]), ("three", old_keys["three"])}
+    assert "rerun with --yes" in format_unused(unused)
+    assert unused_outputs(fake_stages.stages(), [old, new], store) == []  # both configs keep theirs
+    assert all(delete_output(u) for u in unused)
+    assert not store.path("two", old_keys["two"]).exists()
+    assert all(store.exists(stage, key) for stage, key in new_keys.items())
+    assert unused_outputs(fake_stages.stages(), [new], store) == []

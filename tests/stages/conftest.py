@@ -48,6 +48,7 @@ class FakeContext:
         self.runtime = None
         self.maps: list[tuple[object, list]] = []  # (fn, items) of each ctx.map call
         self.metrics: list[tuple[dict, int | None]] = []
+        self.models: list[dict] = []  # artifacts of each log_model call
 
     def log_metrics(self, metrics, step=None):
         self.metrics.append((dict(metrics), step))
@@ -65,6 +66,12 @@ class FakeContext:
 
     def progress(self, iterable, desc, total=None):
         return iterable
+
+    def log_model(self, artifacts):
+        self.models.append(dict(artifacts))
+
+    def link_to_model(self, path, relative):
+        pass
 
     def train_placement(self):
         return False, False  # one CPU process, as RunContext for train_workers 1 on the CPU

@@ -611,6 +611,9 @@ class StageContext:
     def progress(self, iterable, desc, total=None):
         return iterable
 
+    def log_model(self, artifacts):
+        self.models = dict(artifacts)
+
     def train_placement(self):
         return False, False  # one CPU process, as RunContext for train_workers 1 on the CPU
 
