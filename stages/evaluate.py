@@ -11,7 +11,9 @@ Settings (rows of metrics.json):
     final        flip-merged candidates, tuned NMS IoU, weighted voting at the tuned IoU
     no_flip      the same on the unflipped candidates
     no_voting    flip-merged, tuned NMS IoU, no voting
-    baseline     unflipped, plain NMS at tune.baseline_nms_iou, no voting
+    baseline     the Appendix's comparison (item 5): unflipped round-1 candidates only
+                 (one round of box regression), plain NMS at tune.baseline_nms_iou (0.3),
+                 no voting
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from ion.evaluation.metrics import IOU_THRESHOLDS, MAX_DETS, CocoMetrics
 from ion.evaluation.results import to_coco_results, validate_results, write_results, write_submission_zip
 from ion.inference.tuning import apply_thresholds
 from stages.contract import StageContext, StageResult
-from stages.raw_detections import read_raw
+from stages.raw_detections import ROUND1, read_raw
 from ion.atomic import write_json_atomic
 
 NAME = "evaluate"
@@ -52,7 +54,7 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
         "final": (flip_set, {**tuned, "vote_iou": best["vote_iou"]}),
         "no_flip": ("plain", {**tuned, "vote_iou": best["vote_iou"]}),
         "no_voting": (flip_set, {**tuned, "vote_iou": None}),
-        "baseline": ("plain", {"nms_iou": best["baseline"]["nms_iou"], "vote_iou": None}),
+        "baseline": (ROUND1, {"nms_iou": best["baseline"]["nms_iou"], "vote_iou": None}),
     }
     detections = {name: apply_thresholds(candidates[which], **params) for name, (which, params) in settings.items()}
     results = to_coco_results(detections["final"], split.categories)
@@ -97,9 +99,9 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
 
 
 def _candidate_files(detect_dir: Path, split: str) -> dict[str, Path]:
-    files = {which: Path(detect_dir) / f"raw_{split}_{which}.h5" for which in ("plain", "flip")}
-    # The unflipped set is always written: without it, read_raw says which split detect lacks.
-    return {which: path for which, path in files.items() if which == "plain" or path.exists()}
+    files = {which: Path(detect_dir) / f"raw_{split}_{which}.h5" for which in ("plain", ROUND1, "flip")}
+    # The unflipped sets are always written: without them, read_raw says which split detect lacks.
+    return {which: path for which, path in files.items() if which != "flip" or path.exists()}
 
 
 def _report(metrics: CocoMetrics, split: DetectionSplit) -> dict:
