@@ -79,3 +79,7 @@ class EvaluateConfig:
         default="ion", metadata={"help": "algorithm name in the COCO server's results file name"})
     context_ap: bool = field(
         default=True, metadata={"help": "report AP over the dataset's context classes when it names them"})
+    voc_metric: bool = field(
+        default=False,
+        metadata={"help": "also report the VOC devkit's mAP (VOC07 11-point and VOC10+ all-point, IoU > 0.5) "
+                          "for every setting; always on when the data source is voc"})
