@@ -28,6 +28,13 @@ class DetectConfig:
     two_rounds: bool = field(
         default=True,
         metadata={"help": "score and regress the regressed boxes a second time (Sec. 4.2, Appendix item 5)"})
+    # Default top_class: one re-scored ROI per proposal, as cheap as round 1. The
+    # paper follows MR-CNN, which re-scores every class's box (all_classes).
+    round2: Literal["top_class", "all_classes"] = field(
+        default="top_class",
+        metadata={"help": "round 2 re-scores each proposal's top-class box (top_class: one ROI per proposal) "
+                          "or every class's box above score_thresh (all_classes: MR-CNN's iterative "
+                          "localisation, which the paper follows)"})
     images_per_task: int = field(
         default=16, metadata={"help": "images per Ray task; a killed run keeps finished tasks", "min": 1})
     max_images: Optional[int] = field(
@@ -72,3 +79,7 @@ class EvaluateConfig:
         default="ion", metadata={"help": "algorithm name in the COCO server's results file name"})
     context_ap: bool = field(
         default=True, metadata={"help": "report AP over the dataset's context classes when it names them"})
+    voc_metric: bool = field(
+        default=False,
+        metadata={"help": "also report the VOC devkit's mAP (VOC07 11-point and VOC10+ all-point, IoU > 0.5) "
+                          "for every setting; always on when the data source is voc"})

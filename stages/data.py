@@ -4,6 +4,10 @@ synthetic: generates the context-shapes scenes (ion/data/synthetic.py) into
 `out/images/<split>/` and `out/annotations/<split>.json`.
 coco: validates the COCO files (ion/data/coco.py) and writes the cleaned
 splits; the images stay where they are (`image_dir` absolute in index.json).
+voc: reads the VOC devkit folders (ion/data/voc.py) into COCO-format splits
+(difficult boxes as iscrowd, and `difficult` kept for the VOC metric); the
+images stay where they are. index.json names the source ("source": "voc"), so
+the evaluate stage knows to add the VOC07 metric.
 
 Outputs (docs/CONTRACTS.md, "Data stage outputs"): index.json (written last),
 annotations/<split>.json, images/ (synthetic only), plots/preview.png.
@@ -20,8 +24,10 @@ from PIL import Image, ImageDraw
 
 from ion.data import synthetic
 from ion.data.categories import CategoryMap
-from ion.data.coco import SPLITS, ValidationReport, build_coco_splits
-from ion.data.config import CocoConfig, SyntheticConfig
+from ion.data.coco import SPLITS, CocoSplit, ValidationReport, build_coco_splits, subset
+from ion.data.config import CocoConfig, SyntheticConfig, VocConfig
+from ion.data.voc import load_voc_split
+from ion.errors import UserError
 from ion.data.images import load_image
 from ion.data.split import INDEX_FILE
 from stages.contract import StageContext, StageResult
@@ -51,6 +57,8 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
     (out / "plots").mkdir(parents=True, exist_ok=True)
     if cfg.data.source == "synthetic":
         return _run_synthetic(seed=cfg.seed, syn=cfg.data.synthetic, out=out, ctx=ctx)
+    if cfg.data.source == "voc":
+        return _run_voc(voc=cfg.data.voc, out=out)
     return _run_coco(coco=cfg.data.coco, out=out, ctx=ctx)
 
 
@@ -85,7 +93,7 @@ def _run_synthetic(*, seed: int, syn: SyntheticConfig, out: Path, ctx: StageCont
     generated: dict[str, list[synthetic.GeneratedImage]] = {split: [] for split in SPLITS}
     for job, chunk in zip(jobs, chunks):
         generated[job["split"]].extend(chunk)
-    index, metrics, summary = {"splits": {}, "categories": list(synthetic.CATEGORIES)}, {}, []
+    index, metrics, summary = {"source": "synthetic", "splits": {}, "categories": list(synthetic.CATEGORIES)}, {}, []
     for split in SPLITS:
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         for item in ctx.progress(generated[split], desc=f"writing {split} images"):
@@ -147,8 +155,14 @@ def _run_coco(*, coco: CocoConfig, out: Path, ctx: StageContext) -> StageResult:
         test_annotations=_path(coco.test_annotations), test_image_info=_path(coco.test_image_info),
         test_images=_path(coco.test_images), on_bad=coco.on_bad_annotation, box_tolerance=coco.box_tolerance,
         check_image_files=coco.check_image_files, report=report)
-    index: dict = {"splits": {}, "categories": splits["train"].coco["categories"]}
-    metrics, summary = report.metrics(), []
+    return _write_splits(splits, out, source="coco", metrics=report.metrics(), notes=report.lines())
+
+
+def _write_splits(splits: dict[str, CocoSplit], out: Path, *, source: str, metrics: dict[str, float],
+                  notes: list[str]) -> StageResult:
+    """Write real-image splits (COCO or VOC, already COCO-format), the index and the preview."""
+    index: dict = {"source": source, "splits": {}, "categories": splits["train"].coco["categories"]}
+    summary: list[str] = []
     for name in SPLITS:
         split = splits[name]
         _write_json_atomic(out / "annotations" / f"{name}.json", split.coco)
@@ -158,7 +172,7 @@ def _run_coco(*, coco: CocoConfig, out: Path, ctx: StageContext) -> StageResult:
         split_metrics, line = _split_counts(name, split.coco, per_class=False)
         metrics.update(split_metrics)
         summary.append(line)
-    summary += report.lines()
+    summary += notes
     train = splits["train"]
     anns_of: dict[int, list[dict]] = {}
     for ann in train.coco["annotations"]:
@@ -170,6 +184,39 @@ def _run_coco(*, coco: CocoConfig, out: Path, ctx: StageContext) -> StageResult:
     _write_preview(out / "plots" / "preview.png", previews, CategoryMap.from_coco(train.coco["categories"]))
     _write_json_atomic(out / INDEX_FILE, index)
     return StageResult(metrics=metrics, summary=summary)
+
+
+# ------------------------------------------------------------------ voc
+
+
+def _voc_pairs(sets) -> list[tuple[Path, str]]:
+    return [(Path(s.root), s.set) for s in sets]
+
+
+def _run_voc(*, voc: VocConfig, out: Path) -> StageResult:
+    """07 trainval + 12 trainval style training sets, a test set, and minival (given, or held out of train)."""
+    check = dict(check_image_files=voc.check_image_files)
+    train = load_voc_split(_voc_pairs(voc.train), **check)
+    test = load_voc_split(_voc_pairs(voc.test), **check)
+    notes = []
+    if voc.minival:
+        minival = load_voc_split(_voc_pairs(voc.minival), **check)
+    else:
+        ids = sorted(img["id"] for img in train.coco["images"])
+        if voc.minival_size >= len(ids):
+            raise UserError(f"data.voc.minival_size: {voc.minival_size} is not fewer than the "
+                            f"{len(ids)} training images (lower it, or name data.voc.minival sets)")
+        held_out = set(ids[:voc.minival_size])
+        minival = CocoSplit(coco=subset(train.coco, held_out), image_dir=train.image_dir)
+        train = CocoSplit(coco=subset(train.coco, set(ids) - held_out), image_dir=train.image_dir)
+        notes.append(f"minival: the {voc.minival_size} training images with the smallest ids, held out "
+                     f"(data.voc.minival names sets instead)")
+    overlap = {img["id"] for img in train.coco["images"]} & {img["id"] for img in test.coco["images"]}
+    if overlap:
+        raise UserError(f"data.voc: {len(overlap)} images are in both the train and the test sets (e.g. id "
+                        f"{min(overlap)}): name disjoint image sets")
+    return _write_splits({"train": train, "minival": minival, "test": test}, out, source="voc", metrics={},
+                         notes=notes)
 
 
 # ------------------------------------------------------------------ preview

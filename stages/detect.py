@@ -4,6 +4,8 @@ use (score >= detect.score_thresh), so tune and evaluate never run the network.
 
     <out>/parts/<set>_<split>/       finished shards of images (a killed run resumes)
     <out>/raw_<split>_plain.h5       candidates of the unflipped image (stages/raw_detections.py)
+    <out>/raw_<split>_round1.h5      the unflipped round-1 candidates alone (evaluate's baseline:
+                                     one round of box regression, Appendix item 5)
     <out>/raw_<split>_flip.h5        flip-merged candidates (detect.flip)
 
 Images go to Ray tasks in shards of `detect.images_per_task`; each task loads
@@ -22,12 +24,12 @@ from ion.data.split import DetectionSplit
 from ion.inference.predict import predict_raw
 from stages.contract import StageContext, StageResult
 from proposals.store import ProposalStore, Shard, ShardedWriter, write_shard
-from stages.raw_detections import as_item, write_raw
+from stages.raw_detections import ROUND1, as_item, round_one, write_raw
 from stages.train import load_trained_detector
 from stages.worker_cache import cached
 
 NAME = "detect"
-VERSION = "1"
+VERSION = "2"
 READS = ("detect",)
 UPSTREAM = ("data", "proposals", "train")
 
@@ -45,11 +47,12 @@ class DetectTask:
     flip: bool
     score_thresh: float
     two_rounds: bool
+    round2: str
 
 
 def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResult:
     dcfg = cfg.detect
-    sets = ("plain", "flip") if dcfg.flip else ("plain",)
+    sets = ("plain", ROUND1, "flip") if dcfg.flip else ("plain", ROUND1)
     metrics, summary = {}, []
     for split_name in dcfg.splits:
         split = DetectionSplit.load(inputs["data"], split_name)
@@ -64,7 +67,8 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
                                          for i in shard.image_ids),
                             proposals=str(inputs["proposals"] / f"mixed_{split_name}.h5"),
                             train_dir=str(inputs["train"]), parts_dirs={s: str(w.directory) for s, w in writers.items()},
-                            flip=dcfg.flip, score_thresh=dcfg.score_thresh, two_rounds=dcfg.two_rounds)
+                            flip=dcfg.flip, score_thresh=dcfg.score_thresh, two_rounds=dcfg.two_rounds,
+                            round2=dcfg.round2)
                  for shard in pending]
         started = time.perf_counter()
         if tasks:
@@ -105,7 +109,8 @@ def detect_shard(task: DetectTask) -> int:
             boxes, _ = store.get(image_id)
             raw = predict_raw(model, image, boxes, min_size=model_cfg.input.min_size,
                               max_size=model_cfg.input.max_size, flip=task.flip,
-                              score_thresh=task.score_thresh, two_rounds=task.two_rounds)
+                              score_thresh=task.score_thresh, two_rounds=task.two_rounds, round2=task.round2)
+            raw[ROUND1] = round_one(raw["plain"])
             for name in per_set:
                 per_set[name].append(as_item(image_id, raw[name]))
     for name, items in per_set.items():

@@ -7,11 +7,17 @@ choice switched off in turn so its contribution is visible.
     <out>/metrics.json            12 COCO stats, AP per category and size, per setting
     <out>/plots/pr_curves.png, ap_by_size.png, detections.png
 
+VOC data (split.source "voc") or evaluate.voc_metric adds the VOC devkit's
+mAP to every setting: `voc07_mAP` (11-point, the metric of Tables 1 and 4-10)
+and `voc12_mAP` (all-point), IoU > 0.5, difficult boxes ignored.
+
 Settings (rows of metrics.json):
     final        flip-merged candidates, tuned NMS IoU, weighted voting at the tuned IoU
     no_flip      the same on the unflipped candidates
     no_voting    flip-merged, tuned NMS IoU, no voting
-    baseline     unflipped, plain NMS at tune.baseline_nms_iou, no voting
+    baseline     the Appendix's comparison (item 5): unflipped round-1 candidates only
+                 (one round of box regression), plain NMS at tune.baseline_nms_iou (0.3),
+                 no voting
 """
 from __future__ import annotations
 
@@ -25,12 +31,13 @@ from matplotlib.patches import Rectangle
 
 from ion.data.split import DetectionSplit
 from ion.evaluation.coco_eval import coco_eval
+from ion.evaluation.voc_ap import VocMetrics, voc_eval
 from ion.figures import save_png
 from ion.evaluation.metrics import IOU_THRESHOLDS, MAX_DETS, CocoMetrics
 from ion.evaluation.results import to_coco_results, validate_results, write_results, write_submission_zip
 from ion.inference.tuning import apply_thresholds
 from stages.contract import StageContext, StageResult
-from stages.raw_detections import read_raw
+from stages.raw_detections import ROUND1, read_raw
 from ion.atomic import write_json_atomic
 
 NAME = "evaluate"
@@ -52,7 +59,7 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
         "final": (flip_set, {**tuned, "vote_iou": best["vote_iou"]}),
         "no_flip": ("plain", {**tuned, "vote_iou": best["vote_iou"]}),
         "no_voting": (flip_set, {**tuned, "vote_iou": None}),
-        "baseline": ("plain", {"nms_iou": best["baseline"]["nms_iou"], "vote_iou": None}),
+        "baseline": (ROUND1, {"nms_iou": best["baseline"]["nms_iou"], "vote_iou": None}),
     }
     detections = {name: apply_thresholds(candidates[which], **params) for name, (which, params) in settings.items()}
     results = to_coco_results(detections["final"], split.categories)
@@ -68,9 +75,14 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
                                     f"evaluation server ({len(results)} detections); no metrics computed"])
 
     scored: dict[str, CocoMetrics] = {}
+    with_voc = ecfg.voc_metric or split.source == "voc"
+    report = {}
     for name in ctx.progress(list(settings), desc="COCO evaluation"):
-        scored[name] = coco_eval(split.annotation_file, to_coco_results(detections[name], split.categories))
-    report = {name: _report(m, split) for name, m in scored.items()}
+        results_of_setting = to_coco_results(detections[name], split.categories)
+        scored[name] = coco_eval(split.annotation_file, results_of_setting)
+        report[name] = _report(scored[name], split)
+        if with_voc:
+            report[name].update(_voc_report(voc_eval(str(split.annotation_file), results_of_setting), split))
     report["settings"] = {name: {"candidates": which, **params} for name, (which, params) in settings.items()}
     write_json_atomic(out / "metrics.json", report)
     _plot_pr(scored, out / "plots" / "pr_curves.png")
@@ -82,7 +94,7 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
             continue
         prefix = "" if name == "final" else f"{name}_"
         metrics.update({f"{prefix}{k}": v for k, v in entry["stats"].items()})
-        for key in ("context_AP", "context_AP50"):
+        for key in ("context_AP", "context_AP50", "voc07_mAP", "voc12_mAP"):
             if key in entry:
                 metrics[f"{prefix}{key}"] = entry[key]
     final = scored["final"].stats
@@ -91,15 +103,19 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
     if "context_AP" in report["final"]:
         lines.append(f"context classes: AP {report['final']['context_AP']:.4f}  "
                      f"AP50 {report['final']['context_AP50']:.4f}")
+    if with_voc:
+        lines.append(f"VOC mAP (IoU > 0.5): VOC07 11-point {report['final']['voc07_mAP']:.4f}  "
+                     f"all-point {report['final']['voc12_mAP']:.4f}; baseline (one round, NMS "
+                     f"{settings['baseline'][1]['nms_iou']:g}) VOC07 {report['baseline']['voc07_mAP']:.4f}")
     lines.append("contributions (AP): " + ", ".join(
         f"{name} {scored[name].stats['AP']:.4f}" for name in ("baseline", "no_flip", "no_voting", "final")))
     return StageResult(metrics=metrics, summary=lines)
 
 
 def _candidate_files(detect_dir: Path, split: str) -> dict[str, Path]:
-    files = {which: Path(detect_dir) / f"raw_{split}_{which}.h5" for which in ("plain", "flip")}
-    # The unflipped set is always written: without it, read_raw says which split detect lacks.
-    return {which: path for which, path in files.items() if which == "plain" or path.exists()}
+    files = {which: Path(detect_dir) / f"raw_{split}_{which}.h5" for which in ("plain", ROUND1, "flip")}
+    # The unflipped sets are always written: without them, read_raw says which split detect lacks.
+    return {which: path for which, path in files.items() if which != "flip" or path.exists()}
 
 
 def _report(metrics: CocoMetrics, split: DetectionSplit) -> dict:
@@ -111,6 +127,12 @@ def _report(metrics: CocoMetrics, split: DetectionSplit) -> dict:
         entry["context_AP"] = float(np.mean([metrics.per_category_ap.get(c, 0.0) for c in context]))
         entry["context_AP50"] = _mean_ap_at(metrics, context, iou=0.5)
     return entry
+
+
+def _voc_report(metrics: VocMetrics, split: DetectionSplit) -> dict:
+    """The VOC devkit's means and per-class APs (by class name) of one setting."""
+    return {"voc07_mAP": metrics.mean_ap_11_point, "voc12_mAP": metrics.mean_ap_all_point,
+            "voc07_per_category_ap": {split.categories.name(c): ap for c, ap in metrics.ap_11_point.items()}}
 
 
 def _mean_ap_at(metrics: CocoMetrics, category_ids: list[int], *, iou: float) -> float:

@@ -1,7 +1,8 @@
 """The detect stage's output format: raw per-image candidates before NMS.
 
 Stored in the project's ragged HDF5 store (proposals/store.py), one file per
-split and candidate set (`raw_<split>_<set>.h5`, set = plain or flip): boxes
+split and candidate set (`raw_<split>_<set>.h5`, set = plain, round1 or flip;
+round1 is the part of plain that round 1 of box regression produced): boxes
 float32 (M, 4) xyxy in original-image pixels, scores float32 (M,), and the
 contiguous class label of each candidate in the store's per-box int8 tag
 column, with `attrs["source_names"][label]` the class name (label 0 =
@@ -20,6 +21,7 @@ from ion.inference.postprocess import Detections
 from proposals.store import ProposalStore, write_store
 
 MAX_LABEL = np.iinfo(np.int8).max
+ROUND1 = "round1"  # the candidate set of round 1 alone, unflipped
 REBUILD = "python -m pipeline run --stages detect --force"
 
 
@@ -36,18 +38,30 @@ def as_item(image_id: int, raw: dict[str, np.ndarray]) -> tuple:
     return int(image_id), raw["boxes"], raw["scores"], raw["labels"].astype(np.int8)
 
 
+def round_one(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The round-1 candidates of one image's set (ion.inference.predict.predict_raw)."""
+    first = raw["round"] == 1
+    return {key: value[first] for key, value in raw.items()}
+
+
 def write_raw(path: Path, items: Iterable[tuple], *, categories: CategoryMap, attrs: dict) -> Path:
     """Write `items` (image_id, boxes, scores, labels int8) atomically to `path`."""
     return write_store(path, items, {"source_names": label_names(categories), "content": "raw detections",
                                      **attrs})
 
 
-def read_raw(path: Path) -> dict[int, Detections]:
-    """Every image's candidates: image id -> Detections(boxes, scores, labels int64), numpy."""
+def require_raw(path: Path) -> Path:
+    """`path`, or a UserError saying how the detect stage makes it."""
     path = Path(path)
     if not path.is_file():  # the store's own message would suggest rebuilding the proposals
         raise UserError(f"{path}: no raw detections: the detect stage writes them for each split in "
                         f"detect.splits (add the split there), or rerun it: {REBUILD}")
+    return path
+
+
+def read_raw(path: Path) -> dict[int, Detections]:
+    """Every image's candidates: image id -> Detections(boxes, scores, labels int64), numpy."""
+    path = require_raw(path)
     with ProposalStore(path) as store:
         return {image_id: Detections(boxes, scores, labels.astype(np.int64))
                 for image_id, boxes, scores, labels in store.iter_items(with_sources=True)}

@@ -5,7 +5,9 @@ the detect stage's cached raw candidates. No network runs here.
 
     <out>/study.journal     the Optuna study (JournalFileBackend): a killed or
                             repeated run resumes it; `optuna-dashboard <out>/study.journal`
-    <out>/best.json         the best thresholds, their AP and the plain-NMS baseline
+    <out>/best.json         the best thresholds, their AP and the baseline: one round of
+                            box regression, plain NMS at tune.baseline_nms_iou, no voting,
+                            no flip (Appendix item 5's comparison on minival)
     <out>/plots/history.png optimisation history
     <out>/plots/contour.png AP over (NMS IoU, voting IoU)
 
@@ -34,12 +36,12 @@ from ion.evaluation.evaluator import Evaluator
 from ion.figures import save_png
 from ion.inference.tuning import Thresholds, objective
 from stages.contract import StageContext, StageResult
-from stages.raw_detections import read_raw
+from stages.raw_detections import ROUND1, read_raw, require_raw
 from stages.worker_cache import cached
 from ion.atomic import write_bytes_atomic, write_json_atomic
 
 NAME = "tune"
-VERSION = "1"
+VERSION = "2"
 READS = ("seed", "tune")
 UPSTREAM = ("data", "detect")
 
@@ -54,8 +56,10 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
         raise UserError(f"the {SPLIT} split has no annotations: tuning needs minival ground truth")
     raw_path = raw_file(inputs["detect"], SPLIT, tcfg.use_flip)
     task = {"raw": str(raw_path), "gt": str(split.annotation_file)}
+    baseline_path = Path(inputs["detect"]) / f"raw_{SPLIT}_{ROUND1}.h5"
+    for path in (raw_path, baseline_path):  # both before the study starts
+        require_raw(path)
 
-    baseline = trial_ap({**task, "params": {"nms_iou": tcfg.baseline_nms_iou, "vote_iou": None}})
     study = _open_study(out / "study.journal")
     done = len(_complete(study))
     bar = iter(ctx.progress(range(done, tcfg.trials), desc="tune trials", total=max(tcfg.trials - done, 0)))
@@ -66,10 +70,13 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
         for _ in batch:
             next(bar, None)
 
+    baseline = trial_ap({"raw": str(baseline_path), "gt": task["gt"],
+                         "params": {"nms_iou": tcfg.baseline_nms_iou, "vote_iou": None}})
     trials = _complete(study)
     best = study.best_trial
     result = {**_thresholds(best.params), "AP": best.value, "trial": best.number,
-              "baseline": {"nms_iou": tcfg.baseline_nms_iou, "vote_iou": None, "AP": baseline},
+              "baseline": {"nms_iou": tcfg.baseline_nms_iou, "vote_iou": None, "AP": baseline,
+                           "candidates": baseline_path.name},
               "trials": len(trials), "sampler": tcfg.sampler, "candidates": raw_path.name}
     write_json_atomic(out / "best.json", result)
     ctx.link_to_model(out / "best.json", "thresholds/best.json")  # the thresholds travel with the model

@@ -450,8 +450,9 @@ def build_coco_splits(*, train_annotations: Path, train_images: Path, val_annota
                       on_bad: str, box_tolerance: float, check_image_files: bool,
                       report: ValidationReport) -> dict[str, CocoSplit]:
     """The paper's splits (Appendix): minival held out of val by image id; the rest of val joins
-    train ("trainval35k", val_rest="train") or is the test split (val_rest="test");
-    otherwise test comes from its own annotation file or a test-dev image-info file.
+    train ("trainval35k", val_rest="train"), is left out (val_rest="drop": train alone, the
+    "train" rows of Tables 3 and 11) or is the test split (val_rest="test"); with train or
+    drop, test comes from its own annotation file or a test-dev image-info file.
     """
     common = dict(on_bad=on_bad, box_tolerance=box_tolerance, check_image_files=check_image_files, report=report)
     train = read_coco(annotation_file=train_annotations, image_dir=train_images, **common)
@@ -460,8 +461,11 @@ def build_coco_splits(*, train_annotations: Path, train_images: Path, val_annota
     held_out = minival_image_ids(val_image_ids=val_ids, minival_size=minival_size, ids_file=minival_ids_file)
     rest = subset(val, set(val_ids) - held_out)
     splits = {"minival": merge([(subset(val, held_out), val_images, val_annotations)])}
-    if val_rest == "train":
-        splits["train"] = merge([(train, train_images, train_annotations), (rest, val_images, val_annotations)])
+    if val_rest in ("train", "drop"):
+        parts = [(train, train_images, train_annotations)]
+        if val_rest == "train":
+            parts.append((rest, val_images, val_annotations))
+        splits["train"] = merge(parts)
         test_file = test_annotations if test_annotations is not None else test_image_info
         test = read_coco(annotation_file=test_file, image_dir=test_images,
                          annotations_required=test_annotations is not None, **common)

@@ -10,6 +10,12 @@
         train_annotations: /coco/annotations/instances_train2014.json
         ...
 
+    data:
+      source: voc                  # Pascal VOC devkit folders (ion/data/voc.py)
+      voc:
+        train: [{root: VOCdevkit/VOC2007, set: trainval}, {root: VOCdevkit/VOC2012, set: trainval}]
+        test: [{root: VOCdevkit/VOC2007, set: test}]
+
 COCO splits follow the paper (Appendix): minival = `minival_size` images held
 out of val by image id; the rest of val joins train ("trainval35k") or, for
 small sets such as coco-mini, becomes the test split; otherwise test is a
@@ -75,9 +81,9 @@ class CocoConfig:
     minival_ids_file: Optional[str] = field(default=None, metadata={
         "help": "explicit minival image ids instead of minival_size: a COCO json (its images), a json list "
                 "of ids, or a text file with one id per line", "path": True})
-    val_rest: Literal["train", "test"] = field(default="train", metadata={
-        "help": "where the val images outside minival go: train (the paper's trainval35k) or test "
-                "(small sets with no test annotations)"})
+    val_rest: Literal["train", "drop", "test"] = field(default="train", metadata={
+        "help": "where the val images outside minival go: train (the paper's trainval35k), drop (train "
+                "alone, the 'train' rows of Tables 3 and 11) or test (small sets with no test annotations)"})
     test_annotations: Optional[str] = field(default=None, metadata={
         "help": "annotated test set (instances json); with val_rest: train, give this or test_image_info",
         "path": True})
@@ -95,15 +101,52 @@ class CocoConfig:
 
 
 @dataclass(frozen=True)
+class VocSetConfig:
+    root: Optional[str] = field(default=None, metadata={
+        "help": "a VOC root: the folder holding Annotations/, ImageSets/Main/ and JPEGImages/ "
+                "(VOCdevkit/VOC2007)", "path": True})
+    set: str = field(default="trainval", metadata={
+        "help": "image set: ImageSets/Main/<set>.txt (trainval, test, ...)"})
+
+
+@dataclass(frozen=True)
+class VocConfig:
+    train: tuple[VocSetConfig, ...] = field(default=(), metadata={
+        "help": "(root, set) pairs read as the training split (the paper: 07 trainval + 12 trainval)"})
+    test: tuple[VocSetConfig, ...] = field(default=(), metadata={
+        "help": "(root, set) pairs read as the test split (the paper: 07 test)"})
+    minival: tuple[VocSetConfig, ...] = field(default=(), metadata={
+        "help": "(root, set) pairs read as minival (threshold tuning); empty: minival_size training "
+                "images are held out instead"})
+    minival_size: int = field(default=500, metadata={
+        "help": "with no minival sets: this many training images, the smallest image ids, held out as "
+                "minival (the paper tuned nothing on VOC)", "min": 1})
+    check_image_files: bool = field(default=True, metadata={
+        "help": "check that every JPEG exists and has the size its XML states"})
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    source: Literal["synthetic", "coco"] = field(default="synthetic", metadata={
-        "help": "synthetic: the embedded context-shapes scenes; coco: COCO-format files on disk"})
+    source: Literal["synthetic", "coco", "voc"] = field(default="synthetic", metadata={
+        "help": "synthetic: the embedded context-shapes scenes; coco: COCO-format files on disk; voc: "
+                "Pascal VOC devkit folders, converted to COCO format"})
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig, metadata={
         "help": "the context-shapes generator (used when source is synthetic)"})
     coco: CocoConfig = field(default_factory=CocoConfig, metadata={
         "help": "COCO files and split rules (used when source is coco)"})
+    voc: VocConfig = field(default_factory=VocConfig, metadata={
+        "help": "VOC devkit folders and image sets (used when source is voc)"})
 
     def __post_init__(self) -> None:
+        if self.source == "voc":
+            for name in ("train", "test"):
+                sets = getattr(self.voc, name)
+                if not sets:
+                    raise ValueError(f"voc.{name}: give at least one {{root, set}} when source is voc")
+                if any(s.root is None for s in sets):
+                    raise ValueError(f"voc.{name}: every entry needs a root (the VOC2007-style folder)")
+            if any(s.root is None for s in self.voc.minival):
+                raise ValueError("voc.minival: every entry needs a root (the VOC2007-style folder)")
         if self.source != "coco":
             return
         coco = self.coco
@@ -114,9 +157,9 @@ class DataConfig:
         if coco.val_rest == "test" and tests:
             raise ValueError(f"coco.val_rest is test (the val images outside minival are the test split), "
                              f"so drop coco.{tests[0]}")
-        if coco.val_rest == "train":
+        if coco.val_rest in ("train", "drop"):
             if len(tests) != 1:
-                raise ValueError("with coco.val_rest: train, give exactly one of coco.test_annotations "
-                                 "and coco.test_image_info")
+                raise ValueError(f"with coco.val_rest: {coco.val_rest}, give exactly one of "
+                                 "coco.test_annotations and coco.test_image_info")
             if coco.test_images is None:
                 raise ValueError("coco.test_images is required with coco.test_annotations/test_image_info")

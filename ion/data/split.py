@@ -56,6 +56,7 @@ class DetectionSplit:
     image_dir: Path
     has_annotations: bool  # False for test-dev (detections go to the COCO server)
     context_category_ids: tuple[int, ...]  # empty for real COCO
+    source: str = ""  # the data stage's source: "synthetic", "coco" or "voc" ("" from older outputs)
 
     @classmethod
     def load(cls, data_dir: Path, split: str) -> DetectionSplit:
@@ -81,7 +82,8 @@ class DetectionSplit:
         return cls(name=split, images=images, categories=CategoryMap.from_coco(coco["categories"]),
                    annotation_file=annotation_file, image_dir=image_dir,
                    has_annotations=bool(entry["has_annotations"]),
-                   context_category_ids=tuple(int(c) for c in coco.get(CONTEXT_IDS_KEY, [])))
+                   context_category_ids=tuple(int(c) for c in coco.get(CONTEXT_IDS_KEY, [])),
+                   source=str(index.get("source", "")))
 
 
 def _record(img: dict, annotations: list[dict], image_dir: Path) -> ImageRecord:

@@ -35,10 +35,13 @@ def build_detector(cfg: ModelConfig, num_classes: int) -> IONDetector:
         else:
             in_channels.append(backbone.channels[name])
             strides.append(backbone.strides[name])
-    reduce_channels = c5 if cfg.reduce_channels is None else cfg.reduce_channels
+    if cfg.reduce:
+        reduce_channels = c5 if cfg.reduce_channels is None else cfg.reduce_channels
+    else:
+        reduce_channels = sum(in_channels)  # no 1x1 conv: fc6 reads the pooled maps (Fast R-CNN's pool5)
     skip_pool = SkipPool(in_channels=tuple(in_channels), strides=tuple(strides), out_channels=reduce_channels,
                          pool_size=cfg.pool_size, roi_op=cfg.roi_op, norm=cfg.norm, scale_mode=cfg.scale_mode,
-                         scale_init=cfg.scale_init, dropout=cfg.dropout, fuse=cfg.fuse)
+                         scale_init=cfg.scale_init, dropout=cfg.dropout, fuse=cfg.fuse, reduce=cfg.reduce)
     fc_dim = scaled_channels(VGG16_FC_DIM, cfg.width) if cfg.fc_dim is None else cfg.fc_dim
     heads = DetectionHeads(in_channels=reduce_channels, pool_size=cfg.pool_size, fc_dim=fc_dim,
                            num_classes=num_classes, dropout=cfg.dropout)

@@ -94,6 +94,9 @@ class ModelConfig:
     scale_init: Optional[float] = field(default=None, metadata={
         "help": "initial (or fixed) scale; none: 1000 for norm blob, 130 for channel (Sec. 5.2)",
         "min": 1e-6})
+    reduce: bool = field(default=True, metadata={
+        "help": "the 1x1 conv after the concat (Sec. 3.1); false: the pooled map goes straight into fc6, "
+                "Fast R-CNN's pool5 with pool_from [conv5] and norm none (the FRCN rows of Tables 3 and 11)"})
     reduce_channels: Optional[int] = field(default=None, metadata={
         "help": "output channels of the 1x1 conv after concat; none: conv5's channels (512 for VGG16)",
         "min": 1})
@@ -147,6 +150,15 @@ class ModelConfig:
         if self.fuse and self.norm == "blob":
             raise ValueError("fuse: true normalises each location of each map; set norm channel or none "
                              "(norm blob needs the pooled ROI)")
+        if not self.reduce:
+            if self.fuse:
+                raise ValueError("reduce: false needs fuse: false (the fused order is built around the 1x1 conv)")
+            if self.reduce_channels is not None:
+                raise ValueError("reduce: false has no 1x1 conv, so reduce_channels means nothing: drop it "
+                                 "(fc6 reads the pooled channels)")
+            if self.imagenet_weights is not None and tuple(self.pool_from) != ("conv5",):
+                raise ValueError(f"reduce: false with imagenet_weights feeds the pooled maps to VGG16's fc6, "
+                                 f"which reads conv5 alone: set pool_from [conv5] (got {list(self.pool_from)})")
         if len(self.bbox_weights) != 4 or min(self.bbox_weights) <= 0:
             raise ValueError(f"bbox_weights: expected 4 values > 0, got {list(self.bbox_weights)}")
         if self.imagenet_weights is not None:

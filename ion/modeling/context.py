@@ -49,6 +49,13 @@ class ContextConfig:
         metadata={"help": "IRNN recurrent matrix: learned from the identity, or removed (Whh = I, Table 9)"})
     first_step_bias: bool = field(
         default=False, metadata={"help": "a separate bias for each IRNN direction's first step (Sec. 3.2 item 3)"})
+    layers: int = field(
+        default=2,
+        metadata={"help": "stacked IRNN layers (Table 8: 1, 2 or 3; the paper's choice is 2)", "min": 1, "max": 3})
+    input_to_hidden: Literal["shared", "per_direction"] = field(
+        default="shared",
+        metadata={"help": "IRNN input-to-hidden 1x1 conv: one shared by the four directions (Sec. 3.2), or "
+                          "one per direction (unshared: -0.1 mAP in the paper)"})
     variant: Literal["standard", "lr_then_ud"] = field(
         default="standard",
         metadata={"help": "IRNN directions: all four in both layers, or left-right then up-down (Table 10a)"})
@@ -84,6 +91,9 @@ class ContextConfig:
         if self.kind == "irnn" and self.pool_directions == "separate" and not self.pool_from_both:
             raise ValueError("pool_directions separate pools the first IRNN layer, which needs "
                              "pool_from_both: true")
+        if self.kind == "irnn" and self.variant == "lr_then_ud" and self.layers != 2:
+            raise ValueError(f"variant lr_then_ud is one left-right and one up-down layer, so it needs "
+                             f"layers: 2 (got {self.layers}); set layers 2 or variant standard")
 
 
 class NoContext(nn.Module):
@@ -132,12 +142,19 @@ class GlobalAverageContext(nn.Module):
         return [mean.expand(N, C, H, W).contiguous()]
 
 
+# Attribute names of the stacked IRNN layers, bottom first: the two-layer model
+# keeps the names (and so the checkpoint keys) it always had.
+LAYER_NAMES = ("first", "second", "third")
+
+
 class IRNNContext(nn.Module):
-    """Two stacked IRNN layers and a 1x1 conv back to conv5's channels (Fig. 3).
+    """`layers` stacked IRNN layers (two by default, Table 8) and a 1x1 conv back
+    to conv5's channels (Fig. 3).
 
     forward(conv5 Tensor[N, C, H, W]) -> [Tensor[N, C, H, W]], or with
     pool_from_both [first layer's concat Tensor[N, D1*hidden, H, W], Tensor[N, C, H, W]].
-    After the second layer every output cell depends on every input cell (Fig. 6 d).
+    After the second layer every output cell depends on every input cell (Fig. 6 d);
+    after one, only the cells of its row and column do.
     """
 
     def __init__(
@@ -154,8 +171,12 @@ class IRNNContext(nn.Module):
         state_norm: Literal["none", "steps"] = "none",
         input_init: Literal["random", "identity"] = "random",
         pool_directions: Literal["concat", "separate"] = "concat",
+        layers: int = 2,
+        input_to_hidden: Literal["shared", "per_direction"] = "shared",
     ):
         super().__init__()
+        if not 1 <= layers <= len(LAYER_NAMES):
+            raise ValueError(f"context.layers must be 1..{len(LAYER_NAMES)}, got {layers}")
         if input_init == "identity" and hidden != in_channels:
             raise ValueError(f"context.input_init identity needs context.hidden = conv5's channels "
                              f"({in_channels}), got hidden {hidden}; set hidden to {in_channels} or "
@@ -163,21 +184,28 @@ class IRNNContext(nn.Module):
         if pool_directions == "separate" and not pool_from_both:
             raise ValueError("pool_directions separate needs pool_from_both")
         if variant == "standard":
-            first_dirs, second_dirs = DIRECTIONS, DIRECTIONS
+            layer_dirs = [DIRECTIONS] * layers
         else:
+            if layers != 2:
+                raise ValueError(f"variant lr_then_ud needs 2 layers, got {layers}")
             # Table 10 (a), as in ReNet: the first layer sweeps rows, the second columns.
-            first_dirs, second_dirs = ("right", "left"), ("down", "up")
+            layer_dirs = [("right", "left"), ("down", "up")]
         shared = dict(hidden=hidden, recurrent=recurrent, first_step_bias=first_step_bias,
-                      identity_scan=identity_scan, state_norm=state_norm)
-        self.first = FourDirectionIRNN(in_channels=in_channels, directions=first_dirs, **shared)
-        self.second = FourDirectionIRNN(in_channels=self.first.out_channels, directions=second_dirs, **shared)
-        self.output = nn.Conv2d(self.second.out_channels, in_channels, kernel_size=1)
+                      identity_scan=identity_scan, state_norm=state_norm, input_to_hidden=input_to_hidden)
+        channels = in_channels
+        self.layer_names = LAYER_NAMES[:layers]
+        for name, dirs in zip(self.layer_names, layer_dirs):
+            layer = FourDirectionIRNN(in_channels=channels, directions=dirs, **shared)
+            setattr(self, name, layer)
+            channels = layer.out_channels
+        self.output = nn.Conv2d(channels, in_channels, kernel_size=1)
         if input_init == "identity":
             # conv5 is post-ReLU (>= 0), so an identity input never resets the
             # accumulators: "down" at a cell starts as the (mean) column of conv5 above it.
             with torch.no_grad():
-                self.first.input_to_hidden.weight.copy_(torch.eye(hidden).view(hidden, hidden, 1, 1))
-                self.first.input_to_hidden.bias.zero_()
+                for conv in self.first.input_convs():
+                    conv.weight.copy_(torch.eye(hidden).view(hidden, hidden, 1, 1))
+                    conv.bias.zero_()
         # Sec. 3.2 item 2: dropout after each concat layer.
         self.dropout = nn.Dropout(dropout)
         self.pool_from_both = pool_from_both
@@ -185,13 +213,15 @@ class IRNNContext(nn.Module):
         if not pool_from_both:
             self.out_channels = [in_channels]
         elif self.split_first:
-            self.out_channels = [hidden] * len(first_dirs) + [in_channels]
+            self.out_channels = [hidden] * len(layer_dirs[0]) + [in_channels]
         else:
             self.out_channels = [self.first.out_channels, in_channels]
 
     def forward(self, conv5: Tensor) -> list[Tensor]:
         a = self.dropout(self.first(conv5))  # (N, D1*hidden, H, W)
-        b = self.dropout(self.second(a))  # (N, D2*hidden, H, W)
+        b = a
+        for name in self.layer_names[1:]:
+            b = self.dropout(getattr(self, name)(b))  # (N, D*hidden, H, W)
         top = self.output(b)  # (N, C, H, W)
         if not self.pool_from_both:
             return [top]
@@ -233,4 +263,6 @@ def build_context(cfg: ContextConfig, in_channels: int) -> nn.Module:
         state_norm=cfg.state_norm,
         input_init=cfg.input_init,
         pool_directions=cfg.pool_directions,
+        layers=cfg.layers,
+        input_to_hidden=cfg.input_to_hidden,
     )

@@ -5,6 +5,9 @@ Each map is ROI-pooled to SxS at its own stride, L2-normalised per ROI (over
 the whole pooled blob, or per location across channels), the pooled blobs are
 concatenated along channels, re-scaled (learned per channel or fixed), and a
 1x1 convolution reduces them to the shape fc6 expects (512x7x7 for VGG16).
+`reduce=False` drops the 1x1 conv: with conv5 alone and norm "none" this is
+Fast R-CNN's pool5, ROI-pooled conv5 straight into fc6 (the "FRCN" rows of
+Tables 3, 4 and 11).
 
 `fuse: true` computes the same thing in the other order, once per image:
 each map is L2-normalised per location ("channel" or "none" only: a blob norm
@@ -92,9 +95,12 @@ class SkipPool(nn.Module):
     def __init__(self, *, in_channels: tuple[int, ...], strides: tuple[int, ...], out_channels: int,
                  pool_size: int = 7, roi_op: RoiOp = "roi_pool", norm: Norm = "blob",
                  scale_mode: ScaleMode = "learned", scale_init: float | None = None,
-                 dropout: float = 0.0, fuse: bool = False):
+                 dropout: float = 0.0, fuse: bool = False, reduce: bool = True):
         super().__init__()
         assert len(in_channels) == len(strides) > 0
+        if fuse and not reduce:
+            raise ValueError("fused skip pooling is built around the 1x1 conv (it runs before the "
+                             "resampling); reduce=False needs fuse=False")
         if fuse and norm == "blob":
             raise ValueError("fused skip pooling normalises each location (norm channel or none); "
                              "norm blob needs the pooled ROI")
@@ -113,6 +119,14 @@ class SkipPool(nn.Module):
         else:
             self.register_buffer("scale", torch.tensor(float(init)))
         self.dropout = nn.Dropout(dropout)  # Sec. 3.2 item 2: dropout after each concat
+        if not reduce:
+            if out_channels != total:
+                raise ValueError(f"without the 1x1 conv fc6 reads the concat itself: out_channels "
+                                 f"({out_channels}) must be the pooled channels ({total})")
+            self.reduce = None  # Fast R-CNN: pool5 straight into fc6
+            self.out_channels = total
+            return
+        self.out_channels = out_channels
         self.reduce = nn.Conv2d(total, out_channels, kernel_size=1)
         # Sec. 3.1: "Xavier" as in Caffe, uniform with variance 1/fan_in, so the
         # 1x1 conv keeps the amplitude of its input however many maps are concatenated.
@@ -183,10 +197,12 @@ class SkipPool(nn.Module):
         return self._reduce(torch.cat(self.pool(maps, rois), dim=1))  # (R, out_channels, S, S)
 
     def _reduce(self, x: Tensor) -> Tensor:
-        """Re-scale, dropout and the 1x1 conv: Tensor[N, sum C_i, h, w] -> Tensor[N, out_channels, h, w]."""
+        """Re-scale, dropout and the 1x1 conv (when there is one):
+        Tensor[N, sum C_i, h, w] -> Tensor[N, out_channels, h, w]."""
         if self.scale is not None:
             x = x * (self.scale.view(1, -1, 1, 1) if self.scale.ndim else self.scale)
-        return self.reduce(self.dropout(x))
+        x = self.dropout(x)
+        return x if self.reduce is None else self.reduce(x)
 
 
 def resample_to(x: Tensor, *, factor: int, size: torch.Size) -> Tensor:

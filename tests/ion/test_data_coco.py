@@ -86,6 +86,22 @@ def test_trainval_merge_and_test_dev_without_annotations(mini, tmp_path):
     assert len(splits["test"].coco["images"]) == 79
 
 
+def test_val_rest_drop_trains_on_train_alone(mini, tmp_path):
+    """val_rest=drop: the 'train' rows of Tables 3 and 11; the val images outside minival go nowhere."""
+    info = json.loads(mini["val_json"].read_text())
+    del info["annotations"]
+    info_file = tmp_path / "image_info_test-dev.json"
+    info_file.write_text(json.dumps(info))
+    splits = build_coco_splits(
+        train_annotations=mini["train_json"], train_images=mini["train_images"], val_annotations=mini["val_json"],
+        val_images=mini["val_images"], minival_size=30, minival_ids_file=None, val_rest="drop",
+        test_annotations=None, test_image_info=info_file, test_images=mini["val_images"], on_bad="error",
+        box_tolerance=1.0, check_image_files=True, report=ValidationReport())
+    train_ids = {img["id"] for img in json.loads(mini["train_json"].read_text())["images"]}
+    assert {img["id"] for img in splits["train"].coco["images"]} == train_ids
+    assert len(splits["minival"].coco["images"]) == 30 and not splits["test"].has_annotations
+
+
 def test_instance_masks_match_pycocotools(mini):
     coco = _read(mini["val_json"], mini["val_images"])
     reference = COCO(str(mini["val_json"]))

@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torchvision
 
 from ion.modeling.build import build_detector
 from ion.modeling.config import ModelConfig
@@ -129,3 +130,31 @@ def test_parameter_groups_cover_every_parameter_once():
     no_decay_ids = {id(p) for p in no_decay["params"]}
     assert id(model.skip_pool.scale) in no_decay_ids
     assert id(model.heads.fc6.bias) in no_decay_ids and id(model.heads.fc6.weight) not in no_decay_ids
+
+
+def test_fast_rcnn_baseline_pools_conv5_straight_into_fc6():
+    """Tables 3 / 11 "FRCN": ROI pooling from conv5 only, no L2 norm, no scale, no 1x1 conv."""
+    torch.manual_seed(0)
+    cfg = small_config(pool_from=("conv5",), norm="none", reduce=False, context=ContextConfig(kind="none"))
+    model = build_detector(cfg, num_classes=K).eval()
+    assert model.skip_pool.reduce is None and model.skip_pool.scale is None and model.skip_pool.norm == "none"
+    assert not any(isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1) for m in model.modules())
+    assert model.heads.fc6.in_features == model.backbone.channels["conv5"] * 7 * 7
+
+    image, proposals, _ = scene()
+    seen = {}
+    model.heads.fc6.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(image, proposals)
+        conv5 = model.backbone(image)["conv5"]
+        pool5 = torchvision.ops.roi_pool(conv5, [proposals], output_size=7, spatial_scale=1 / 16)
+    assert torch.equal(seen["x"], pool5.flatten(1))
+
+
+def test_fast_rcnn_switch_is_checked():
+    with pytest.raises(ValueError, match="fuse: false"):
+        small_config(pool_from=("conv5",), norm="channel", reduce=False, fuse=True,
+                     context=ContextConfig(kind="none"))
+    with pytest.raises(ValueError, match="drop it"):
+        small_config(pool_from=("conv5",), norm="none", reduce=False, reduce_channels=64,
+                     context=ContextConfig(kind="none"))

@@ -146,3 +146,38 @@ def test_one_round_is_the_first_round_of_two():
         first = both[key]["round"] == 1
         for field in ("boxes", "scores", "labels"):
             np.testing.assert_array_equal(one[key][field], both[key][field][first])
+
+
+@torch.no_grad()
+def test_round_two_all_classes_rescores_every_class_box():
+    """MR-CNN's iterative localisation: every round-1 candidate box is re-scored as its own ROI
+    and keeps its class."""
+    model = small_model(seed=1)
+    image, proposals = scene(50, 70, seed=2)
+    thresh = 0.05
+    raw = predict_raw(model, image, proposals, min_size=64, max_size=200, flip=False, score_thresh=thresh,
+                      round2="all_classes")["plain"]
+    prepared = prepare(image, proposals, min_size=64, max_size=200, mean=(0.485, 0.456, 0.406),
+                       std=(0.229, 0.224, 0.225))
+    h, w = prepared.image.shape[-2:]
+    x, rois = prepared.image.double(), prepared.boxes.double()
+    scores, deltas = model(x, rois)
+    boxes = clip_boxes_xyxy(decode_boxes(deltas=deltas, rois=rois[:, None], weights=WEIGHTS), height=h, width=w)
+    p_idx, k_idx = torch.nonzero(scores[:, 1:] >= thresh, as_tuple=True)
+    rois2 = boxes[p_idx, k_idx]  # (M, 4): one ROI per round-1 candidate
+    scores2, deltas2 = model(x, rois2)
+    rows = torch.arange(len(rois2))
+    boxes2 = clip_boxes_xyxy(decode_boxes(deltas=deltas2[rows, k_idx], rois=rois2, weights=WEIGHTS), height=h,
+                             width=w)
+    score2 = scores2[rows, k_idx + 1]
+    keep = score2 >= thresh
+    second = raw["round"] == 2
+    assert int(second.sum()) == int(keep.sum()) > 0
+    assert raw["labels"][second].tolist() == (k_idx[keep] + 1).tolist()
+    np.testing.assert_allclose(raw["scores"][second], score2[keep].numpy(), rtol=1e-5)
+    expected = clip_boxes_xyxy(boxes2[keep] / prepared.scale, height=50, width=70)
+    np.testing.assert_allclose(raw["boxes"][second], expected.numpy(), atol=1e-3)
+    # Round 1 is the same whichever boxes round 2 re-scores.
+    top = predict_raw(model, image, proposals, min_size=64, max_size=200, flip=False, score_thresh=thresh)["plain"]
+    first = raw["round"] == 1
+    assert np.array_equal(raw["boxes"][first], top["boxes"][top["round"] == 1])

@@ -47,7 +47,7 @@ def _journal_trials(path: Path) -> list[optuna.trial.FrozenTrial]:
 def test_raw_cache_equals_running_the_detector(smoke_run):
     dirs, dcfg = smoke_run.dirs, smoke_run.cfg.detect
     split = DetectionSplit.load(dirs["data"], "minival")
-    raw = {which: read_raw(dirs["detect"] / f"raw_minival_{which}.h5") for which in ("plain", "flip")}
+    raw = {which: read_raw(dirs["detect"] / f"raw_minival_{which}.h5") for which in ("plain", "round1", "flip")}
     for which, per_image in raw.items():
         assert list(per_image) == [r.image_id for r in split.images]
         with ProposalStore(dirs["detect"] / f"raw_minival_{which}.h5") as store:
@@ -64,7 +64,9 @@ def test_raw_cache_equals_running_the_detector(smoke_run):
     direct = predict_raw(model, record.load(), boxes, min_size=model_cfg.input.min_size,
                          max_size=model_cfg.input.max_size, flip=True, score_thresh=dcfg.score_thresh,
                          two_rounds=dcfg.two_rounds)
-    for which in ("plain", "flip"):
+    direct["round1"] = {key: value[direct["plain"]["round"] == 1] for key, value in direct["plain"].items()}
+    assert 0 < len(direct["round1"]["boxes"]) < len(direct["plain"]["boxes"])
+    for which in ("plain", "round1", "flip"):
         cached = raw[which][record.image_id]
         assert len(cached.boxes) > 0
         np.testing.assert_array_equal(cached.boxes, direct[which]["boxes"])
@@ -89,7 +91,10 @@ def test_best_thresholds_are_in_range_and_reproduce_their_ap(smoke_run):
     raw = read_raw(dirs["detect"] / "raw_minival_flip.h5")
     params = {k: best[k] for k in ("nms_iou", "vote_iou", "score_thresh", "max_dets")}
     assert best["AP"] == objective(evaluator, raw, Thresholds(**params))
-    assert best["baseline"]["AP"] == objective(evaluator, raw, Thresholds(nms_iou=tcfg.baseline_nms_iou))
+    # The baseline is the Appendix's: round-1 boxes alone, unflipped, plain NMS, no voting.
+    assert best["baseline"]["candidates"] == "raw_minival_round1.h5"
+    round1 = read_raw(dirs["detect"] / "raw_minival_round1.h5")
+    assert best["baseline"]["AP"] == objective(evaluator, round1, Thresholds(nms_iou=tcfg.baseline_nms_iou))
 
     trials = _journal_trials(dirs["tune"] / "study.journal")
     assert [t.number for t in trials] == list(range(tcfg.trials))
@@ -225,11 +230,12 @@ def test_metrics_report_each_setting_separately(smoke_run):
     assert settings["final"] == {"candidates": "flip", **tuned, "vote_iou": best["vote_iou"]}
     assert settings["no_flip"] == {"candidates": "plain", **tuned, "vote_iou": best["vote_iou"]}
     assert settings["no_voting"] == {"candidates": "flip", **tuned, "vote_iou": None}
-    assert settings["baseline"] == {"candidates": "plain", "nms_iou": smoke_run.cfg.tune.baseline_nms_iou,
+    assert settings["baseline"] == {"candidates": "round1", "nms_iou": smoke_run.cfg.tune.baseline_nms_iou,
                                     "vote_iou": None}
 
     split = DetectionSplit.load(dirs["data"], smoke_run.cfg.evaluate.split)
-    raw = {which: read_raw(dirs["detect"] / f"raw_{split.name}_{which}.h5") for which in ("plain", "flip")}
+    raw = {which: read_raw(dirs["detect"] / f"raw_{split.name}_{which}.h5")
+           for which in ("plain", "round1", "flip")}
     detections = {}
     for name in SETTINGS:
         entry = metrics[name]
