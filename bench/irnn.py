@@ -16,7 +16,7 @@ import torch
 from bench.interleaved import interleaved_medians
 from ion.modeling.irnn import DIRECTIONS, four_direction_scan
 
-# conv5 (stride 16) of a 600x1000 and an 800x1333 image, as issue 3 states them
+# conv5 (stride 16) of a 600x1000 and an 800x1333 image, the paper's test sizes
 # (Caffe's ceil-mode pooling; torchvision's floor mode gives 37x62 and 50x83).
 SIZES = {"600x1000": (38, 63), "800x1333": (50, 84)}
 HIDDEN = 512

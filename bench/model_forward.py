@@ -1,5 +1,5 @@
 """Whole-model forward of the ION detector: one 600x1000 image with 2000
-proposals (issue 3), VGG16 (width 1) and the small CPU model (width 0.25).
+proposals (the paper's test setting), VGG16 (width 1) and the small CPU model (width 0.25).
 
     .venv/bin/python -m bench.model_forward [--repeats 3] [--devices cpu cuda] [--widths 1.0 0.25]
                                             [--proposals 2000] [--threads N]

@@ -1,5 +1,5 @@
 """One tune trial at minival scale: post-processing + the fast evaluator
-against post-processing + pycocotools (issue 6, "Speed").
+against post-processing + pycocotools.
 
 A synthetic minival: 5000 images, 80 COCO categories, ~7 objects per image
 (COCO's size mix, 1% crowd), ~650 raw candidates per image (clusters of

@@ -1,18 +1,13 @@
 """Typed config: YAML and JSON into trees of frozen dataclasses, validating every field.
 
-The one decoder of config dataclasses in the project: pipeline/config.py loads
-run configs with it, and the train stage reads back the model config it saved.
+The one config decoder of the project, generic over any dataclass tree that
+follows the field conventions of docs/CONTRACTS.md (allowed types,
+`help`/`min`/`max`/`path` metadata, every field with a default):
+pipeline/config.py loads run configs with it, the train stage its saved model config.
 
-The loader is generic: it works for any dataclass tree that follows the field
-conventions of docs/CONTRACTS.md (allowed types, `help`/`min`/`max`/`path`
-metadata, every field with a default). pipeline/config.py applies it to the
-root `Config`.
-
-Every error a user can cause is a `UserError` that names where the value was
-stated (the YAML file, or the `-o` override) and the dotted key:
-
-    configs/x.yaml: train.phases[1].lr_start: expected a number >= 0, got -1
-    (fix the value or drop the key to use 0.005)
+Every error a user can cause is a `UserError` naming where the value was
+stated (the YAML file or the `-o` override) and the dotted key, e.g.
+`configs/x.yaml: train.phases[1].lr_start: expected a number >= 0, got -1 (...)`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`python -m pipeline ablations`: the paper's ablations, small (issue 7).
+"""`python -m pipeline ablations`: the paper's ablations, small.
 
     python -m pipeline ablations [--configs A.yaml B.yaml ...] [--workdir DIR] [-o KEY=VALUE ...]
                                  [--stages all] [--reference VARIANT]

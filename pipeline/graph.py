@@ -24,7 +24,7 @@ from ion.errors import UserError
 from ion.schema import section_json
 from pipeline.fingerprint import code_fingerprint, code_modules, input_fingerprints
 
-# DESIGN.md, "Data flow": every stage consumes only stages listed before it.
+# The data flow: every stage consumes only stages listed before it.
 STAGE_NAMES = ("data", "proposals", "train", "detect", "tune", "evaluate")
 NOT_IN_KEYS = ("runtime",)  # where and how a stage runs never changes what it produces
 SHORT_KEY = 12  # characters of a key shown in tables

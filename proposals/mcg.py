@@ -41,8 +41,8 @@ _SHOW_MISSING = 10
 
 def mcg_yxyx1_to_xyxy(boxes: np.ndarray) -> np.ndarray:
     """MCG [y1, x1, y2, x2] 1-based inclusive pixel indices -> float32 (N, 4)
-    [x1 - 1, y1 - 1, x2, y2] continuous 0-based coordinates (DESIGN.md
-    conventions): pixel i (1-based) spans [i - 1, i)."""
+    [x1 - 1, y1 - 1, x2, y2] continuous 0-based coordinates (the project's
+    convention): pixel i (1-based) spans [i - 1, i)."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)  # (N, 4)
     y1, x1, y2, x2 = boxes.T
     return np.stack([x1 - 1.0, y1 - 1.0, x2, y2], axis=1).astype(np.float32)

@@ -5,8 +5,8 @@ Appendix item 2).
 
 OpenCV's `switchToSelectiveSearchFast` hard-wires the graph segmentation's
 minimum segment size to 100 px, which merges 8-16 px objects into the
-background (PROTOTYPE-FINDINGS: 72% of small objects found; min_size 10:
-all). So the same three settings are built here from the lower-level API,
+background (measured on the synthetic data: 72% of small objects found;
+min_size 10: all). So the same three settings are built here from the lower-level API,
 with k, sigma and min_size exposed:
 
     fast:    HSV + Lab; k, k + k_step, k + 2 k_step; strategies CFTS and FTS

@@ -1,5 +1,5 @@
 """COCO box evaluation with pycocotools, the reference every other evaluator
-in the project is checked against (issue 6, "The evaluator")."""
+in the project is checked against."""
 from __future__ import annotations
 
 import contextlib

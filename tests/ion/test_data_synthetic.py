@@ -10,7 +10,7 @@ import pycocotools.mask as mask_utils
 import pytest
 from PIL import Image, ImageDraw
 
-from ion.data import synthetic
+from ion.data import synthetic, synthetic_drawing, synthetic_layout
 from ion.data.config import MIN_SKY_HEIGHT, SyntheticConfig
 
 DEFAULTS = SyntheticConfig()
@@ -153,8 +153,8 @@ def test_context_objects_and_their_surroundings_look_the_same_in_every_scene():
 
 
 def test_context_drawing_never_sees_the_class():
-    assert list(inspect.signature(synthetic.draw_context_object).parameters) == ["painter", "box", "index"]
-    assert list(inspect.signature(synthetic.draw_band).parameters) == ["painter", "width", "height", "band_top"]
+    assert list(inspect.signature(synthetic_drawing.draw_context_object).parameters) == ["painter", "box", "index"]
+    assert list(inspect.signature(synthetic_drawing.draw_band).parameters) == ["painter", "width", "height", "band_top"]
     assert "scene" not in inspect.signature(synthetic.sample_layout).parameters
 
 
@@ -191,7 +191,7 @@ def test_placed_objects_respect_the_overlap_rule():
     for _ in range(40):
         layout = synthetic.sample_image_layout(rng, **LAYOUT_PARAMS)
         for a, b in itertools.combinations(layout.objects, 2):
-            overlap = synthetic.overlap_over_smaller(a.box, b.box)
+            overlap = synthetic_layout.overlap_over_smaller(a.box, b.box)
             assert overlap <= PARAMS["max_overlap"]
             overlapping += overlap > 0
         for obj in layout.objects:
@@ -202,9 +202,9 @@ def test_placed_objects_respect_the_overlap_rule():
 
 
 def test_overlap_over_smaller_box():
-    assert synthetic.overlap_over_smaller((0, 0, 10, 10), (5, 0, 15, 10)) == 0.5
-    assert synthetic.overlap_over_smaller((0, 0, 100, 100), (10, 10, 20, 20)) == 1.0
-    assert synthetic.overlap_over_smaller((0, 0, 10, 10), (10, 0, 20, 10)) == 0.0
+    assert synthetic_layout.overlap_over_smaller((0, 0, 10, 10), (5, 0, 15, 10)) == 0.5
+    assert synthetic_layout.overlap_over_smaller((0, 0, 100, 100), (10, 10, 20, 20)) == 1.0
+    assert synthetic_layout.overlap_over_smaller((0, 0, 10, 10), (10, 0, 20, 10)) == 0.0
 
 
 def test_config_rejects_images_too_small_for_the_cue_gap():

@@ -1,4 +1,4 @@
-"""`python -m pipeline ablations` (issue 7): the shipped ablation configs, the
+"""`python -m pipeline ablations`: the shipped ablation configs, the
 table built from evaluate's metrics.json, and one real run of two smoke-sized variants."""
 from __future__ import annotations
 

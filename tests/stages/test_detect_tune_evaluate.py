@@ -1,5 +1,5 @@
-"""The detect, tune and evaluate stages on the smoke pipeline's outputs
-(issue 6): the raw candidate cache, the Optuna study and its resume, the
+"""The detect, tune and evaluate stages on the smoke pipeline's outputs:
+the raw candidate cache, the Optuna study and its resume, the
 evaluation settings, test-dev submission files, and missing upstream outputs."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The proposals stage on the smoke pipeline's outputs (issue 4): one store per
+"""The proposals stage on the smoke pipeline's outputs: one store per
 source and split, mixes that respect their quotas, the recall report, and
 resume after a simulated kill."""
 from __future__ import annotations

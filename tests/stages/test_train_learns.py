@@ -1,4 +1,4 @@
-"""The train stage learns on the synthetic data: the loss falls (issue 5, "Tests")."""
+"""The train stage learns on the synthetic data: the loss falls."""
 import dataclasses
 
 import numpy as np
