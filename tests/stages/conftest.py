@@ -95,7 +95,8 @@ def smoke_run(tmp_path_factory) -> SmokeRun:
         patch.setattr(proposals_stage, "IMAGES_PER_SHARD", SMOKE_IMAGES_PER_SHARD)
         cfg = load_config(SMOKE_CONFIG, workdir=workdir)
         stages = registered_stages()
-        tracker = Tracker(tracking_uri=tracking_uri_for(workdir), experiment=cfg.name, workdir=workdir)
+        tracker = Tracker(tracking_uri=tracking_uri_for(workdir), experiment=cfg.name, workdir=workdir,
+                          config_file=SMOKE_CONFIG)
         # The runner's Cluster starts Ray on the first map and shuts it down at the end (also on failure).
         report = run_stages(cfg, stages=stages, selected=stages, tracker=tracker,
                             command=f"python -m pipeline run --config {SMOKE_CONFIG} --workdir {workdir}",

@@ -2,6 +2,7 @@
 model, the runs table, and a cache that sees code (status in a copy of the project)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.config import PROJECT_ROOT
+from tests.stages.conftest import SMOKE_CONFIG
 
 COCO_MINI = Path("/work/shared/data/coco-mini/val2017")
 PHOTO_SIDE = 160  # photos shrunk so selective search takes a second, not ten
@@ -91,6 +93,8 @@ def test_smoke_run_logs_model_code_version_and_headline_results(smoke_run, tmp_p
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([experiment.experiment_id])
     assert runs and all(r.data.tags.get("code_version") for r in runs)
+    config_sha = hashlib.sha256(SMOKE_CONFIG.read_bytes()).hexdigest()
+    assert {r.data.tags.get("config_sha256") for r in runs} == {config_sha}
     parent = client.get_run(smoke_run.report.parent_run_id)
     assert parent.info.run_name == "smoke: all"
     evaluate = next(o for o in smoke_run.report.outcomes if o.name == "evaluate")
