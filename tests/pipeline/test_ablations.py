@@ -63,6 +63,7 @@ def _expected_model_changes(default) -> dict[str, dict[str, object]]:
         "t8-layers1": {"context.layers": 1},
         "t8-layers2": {},
         "t8-layers3": {"context.layers": 3},
+        "unshared-input": {"context.input_to_hidden": "per_direction"},  # Sec. 3.2
         # Table 10.
         "t10-lr-then-ud": {"context.variant": "lr_then_ud"},
         "t10-pool-both": {"context.pool_directions": "concat"},
