@@ -419,4 +419,3 @@ def test_seg_loss_ignores_crowd_pixels():
     assert ignored.item() == 0.0
     ignored.backward()
     assert torch.equal(logits.grad, torch.zeros_like(logits))
-
