@@ -1,7 +1,7 @@
 """`python -m pipeline ablations`: the paper's ablations, small.
 
-    python -m pipeline ablations [--configs A.yaml B.yaml ...] [--workdir DIR] [-o KEY=VALUE ...]
-                                 [--stages all] [--reference VARIANT]
+    python -m pipeline ablations [--configs A.yaml B.yaml ...] [--tables 5,9] [--workdir DIR]
+                                 [-o KEY=VALUE ...] [--stages all] [--reference VARIANT]
 
 Runs the stages for each ablation config in turn, exactly as `pipeline run`
 does (each config its own MLflow experiment, one shared artifact store, so the
@@ -9,13 +9,17 @@ variants share the data and proposals outputs: same seed, same images, same
 proposals), then reads each variant's evaluate metrics.json and tabulates the
 test AP, AP50, APs and the context classes' AP / AP50:
 
-- one row per config (configs/ablations/*.yaml by default; a variant is named
-  by its config's `name` without the "ablation-" prefix), the reference first
-  (--reference; default irnn-identity, the default ION), scored at the
-  evaluate stage's final setting (flip TTA, tuned NMS, box voting);
+- one row per config (configs/ablations/*.yaml by default, or those of the
+  paper tables named by --tables; a variant is named by its config's `name`
+  without the "ablation-" prefix), the reference first (--reference; default
+  irnn-identity, the default ION), scored at the evaluate stage's final
+  setting (flip TTA, tuned NMS, box voting), beside the paper's number for the
+  row the config's `ablation` mapping names (table, row, paper_map: VOC07 test
+  mAP of Sec. 5; the small CPU model's numbers are COCO-style AP on the
+  synthetic data, so compare orderings and gaps, not values);
 - three rows from the reference variant's other evaluate settings
-  (stages/evaluate.py): no flip, no voting, and plain NMS at
-  tune.baseline_nms_iou with neither tuning, flip nor voting.
+  (stages/evaluate.py): no flip, no voting, and the Appendix's baseline: one
+  round of box regression, plain NMS at tune.baseline_nms_iou, no flip, no voting.
 
 The table goes to stdout, <workdir>/ablations.md and ablations.json, and to
 MLflow as one run of the experiment "ablations" (metrics `<row key>/AP`, ...,
@@ -32,7 +36,7 @@ from typing import Any, Mapping, Sequence
 
 from ion.errors import UserError
 from pipeline.cli import run_command
-from pipeline.config import PROJECT_ROOT, Config, load_config
+from pipeline.config import PROJECT_ROOT, AblationConfig, Config, load_config
 from pipeline.graph import cache_keys, registered_names, registered_stages, select_names, select_stages
 from ion.schema import display_path, flatten
 from pipeline.store import ArtifactStore, write_text_atomic
@@ -46,17 +50,19 @@ TABLE_JSON = "ablations.json"
 METRICS_FILE = "metrics.json"
 # Sections a variant may differ in without changing what the rows mean; the
 # "changes" column lists every other difference from the reference.
-NOT_COMPARED = ("name", "runtime")
+NOT_COMPARED = ("name", "runtime", "ablation")
 # (metrics key, column header): stats of stages/evaluate.py's metrics.json.
 COLUMNS = (("AP", "AP"), ("AP50", "AP50"), ("APs", "APs"), ("context_AP", "context AP"),
            ("context_AP50", "context AP50"))
 _STATS = ("AP", "AP50", "APs")  # under entry["stats"]; the context keys sit beside it
+VOC_COLUMN = ("voc07_mAP", "VOC07 mAP")  # shown when the evaluate stage reported it
 FINAL = "final"
 # The reference's other evaluate settings, in the order shown: (setting, label, what differs).
 TEST_TIME_ROWS = (
     ("no_flip", "no flip", "test: no flip TTA (unflipped candidates)"),
     ("no_voting", "no voting", "test: no box voting"),
-    ("baseline", "plain NMS {nms_iou:g}", "test: plain NMS {nms_iou:g}, no tuning, no flip, no voting"),
+    ("baseline", "one round, plain NMS {nms_iou:g}",
+     "test: one round of box regression, plain NMS {nms_iou:g}, no tuning, no flip, no voting"),
 )
 
 
@@ -73,6 +79,8 @@ class Row:
     key: str  # MLflow metric prefix: `<key>/AP`
     changes: list[str]  # "model.norm: none", ...; empty for the reference
     values: dict[str, float | None]  # COLUMNS keys -> value; None: not in metrics.json
+    paper: str = ""  # "T7 (d) ...": the paper's table and row (config `ablation`); "" for none
+    paper_map: float | None = None  # the paper's VOC07 mAP for that row
     setting: str = FINAL  # the evaluate setting the values come from
     variant: str = ""  # the variant whose metrics.json it reads
     extra: dict[str, Any] = field(default_factory=dict)  # for ablations.json: config, run id, paths
@@ -151,22 +159,33 @@ def _show(value: Any) -> str:
 
 def _values(entry: Mapping[str, Any]) -> dict[str, float | None]:
     values: dict[str, float | None] = {k: entry["stats"].get(k) for k in _STATS}
-    for key in ("context_AP", "context_AP50"):
+    for key in ("context_AP", "context_AP50", VOC_COLUMN[0]):
         values[key] = entry.get(key)
     return values
 
 
+def paper_label(ablation: AblationConfig) -> str:
+    """"T7 (d) 2x stacked 4-dir IRNN", or "" when the config names no paper table."""
+    return "" if ablation.table is None else f"T{ablation.table} {ablation.row}".rstrip()
+
+
 def build_rows(metrics: Mapping[str, Mapping[str, Any]], changes: Mapping[str, list[str]],
-               reference: str) -> list[Row]:
+               reference: str, papers: Mapping[str, AblationConfig] | None = None) -> list[Row]:
     """The table: the reference, the other variants (in the order of `metrics`), then the
     reference's test-time rows.
 
     `metrics`: variant -> its evaluate metrics.json (stages/evaluate.py);
-    `changes`: variant -> how its config differs from the reference's.
+    `changes`: variant -> how its config differs from the reference's;
+    `papers`: variant -> its config's `ablation` (the paper's row and number).
     """
+    papers = papers or {}
     order = [reference] + [name for name in metrics if name != reference]
-    rows = [Row(label=name, key=name, changes=list(changes.get(name, [])), values=_values(metrics[name][FINAL]),
-                variant=name) for name in order]
+    rows = []
+    for name in order:
+        paper = papers.get(name, AblationConfig())
+        rows.append(Row(label=name, key=name, changes=list(changes.get(name, [])),
+                        values=_values(metrics[name][FINAL]), paper=paper_label(paper),
+                        paper_map=paper.paper_map, variant=name))
     ref = metrics[reference]
     for setting, label, what in TEST_TIME_ROWS:
         if setting not in ref:
@@ -183,33 +202,45 @@ def _cell(value: float | None) -> str:
     return "n/a" if value is None or value < 0 else f"{value:.3f}"
 
 
+def _columns(rows: Sequence[Row]) -> tuple[tuple[str, str], ...]:
+    """COLUMNS, and the VOC07 mAP when some row has it (VOC data, or evaluate.voc_metric)."""
+    has_voc = any(row.values.get(VOC_COLUMN[0]) is not None for row in rows)
+    return COLUMNS + ((VOC_COLUMN,) if has_voc else ())
+
+
 def format_markdown(rows: Sequence[Row], reference: str) -> str:
     """The table as Markdown, with a line that says what the numbers are."""
+    columns = _columns(rows)
     lines = [f"Test-split COCO AP (AP@[.5:.95]), AP50, APs (small objects) and the mean AP / AP50 of the "
              f"context classes. Variant rows: the evaluate stage's final setting (flip TTA, tuned NMS, "
              f"box voting). Rows \"{reference}, ...\": the reference run's evaluate settings with one "
-             f"test-time step off.",
+             f"test-time step off. \"paper\": the table and row of Bell et al. 2016 the config reproduces "
+             f"and its VOC07 test mAP (%).",
              "",
-             "| row | differs from " + reference + " | " + " | ".join(h for _, h in COLUMNS) + " |",
-             "|---|---|" + "---:|" * len(COLUMNS)]
+             "| row | differs from " + reference + " | paper | paper mAP | " + " | ".join(h for _, h in columns)
+             + " |",
+             "|---|---|---|---:|" + "---:|" * len(columns)]
     for row in rows:
         same = "(reference)" if row.variant == reference and row.setting == FINAL else "(nothing)"
         changes = "; ".join(row.changes) if row.changes else same
-        cells = [row.label, changes.replace("|", "\\|")] + [_cell(row.values.get(k)) for k, _ in COLUMNS]
+        paper_map = "" if row.paper_map is None else f"{row.paper_map:.1f}"
+        cells = ([row.label, changes.replace("|", "\\|"), row.paper.replace("|", "\\|"), paper_map]
+                 + [_cell(row.values.get(k)) for k, _ in columns])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def table_metrics(rows: Sequence[Row]) -> dict[str, float]:
     """`<row key>/<column>` -> value for MLflow; missing and COCO's -1 values are left out."""
-    return {f"{row.key}/{k}": float(v) for row in rows for k, _ in COLUMNS
+    return {f"{row.key}/{k}": float(v) for row in rows for k, _ in _columns(rows)
             if (v := row.values.get(k)) is not None and v >= 0}
 
 
 def table_json(rows: Sequence[Row], reference: str) -> dict[str, Any]:
-    return {"reference": reference, "columns": [k for k, _ in COLUMNS],
+    return {"reference": reference, "columns": [k for k, _ in _columns(rows)],
             "rows": [{"row": r.label, "key": r.key, "variant": r.variant, "setting": r.setting,
-                      "changes": r.changes, "values": r.values, **r.extra} for r in rows]}
+                      "changes": r.changes, "paper": r.paper, "paper_map": r.paper_map,
+                      "values": {k: r.values.get(k) for k, _ in _columns(rows)}, **r.extra} for r in rows]}
 
 
 # ----------------------------------------------------------------------------- running
@@ -238,12 +269,40 @@ def _run_command(variant: Variant, overrides: Sequence[str], workdir: Path | Non
     return run_command(display_path(variant.path), overrides, workdir)
 
 
+def parse_tables(text: str | None) -> set[int] | None:
+    """--tables "5,9" -> {5, 9}; None -> None (every config)."""
+    if text is None:
+        return None
+    try:
+        tables = {int(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        raise UserError(f"--tables {text}: expected paper table numbers separated by commas, e.g. 5,9") from None
+    if not tables:
+        raise UserError(f"--tables {text!r}: name at least one table, e.g. 5,9")
+    return tables
+
+
+def select_tables(variants: Sequence[Variant], tables: set[int] | None, reference: Variant) -> list[Variant]:
+    """The variants whose `ablation.table` is in `tables`, the reference first; all when None."""
+    if tables is None:
+        return list(variants)
+    chosen = [v for v in variants if v is reference or v.cfg.ablation.table in tables]
+    if len(chosen) == 1 and chosen[0] is reference and reference.cfg.ablation.table not in tables:
+        known = sorted({v.cfg.ablation.table for v in variants if v.cfg.ablation.table is not None})
+        raise UserError(f"--tables {','.join(map(str, sorted(tables)))}: no config reproduces a row of "
+                        f"those tables (the configs cover tables {', '.join(map(str, known))})")
+    return chosen
+
+
 def run_ablations(*, configs: Sequence[Path] | None, overrides: Sequence[str], workdir: Path | None,
-                  stages_spec: str, reference: str | None, argv: Sequence[str]) -> list[Row]:
+                  stages_spec: str, reference: str | None, argv: Sequence[str],
+                  tables: str | None = None) -> list[Row]:
     """Run every variant's stages, then write, print and log the table; returns its rows."""
     select_names(registered_names(), stages_spec)  # a typo fails before anything heavy is imported
+    wanted_tables = parse_tables(tables)
     variants = load_variants(list(configs) if configs else default_config_paths(), overrides, workdir)
     ref = pick_reference(variants, reference)
+    variants = select_tables(variants, wanted_tables, ref)
     stages = registered_stages()
     selected = select_stages(stages, stages_spec)
     # mlflow and ray take seconds to import: only once every config is known to be good.
@@ -278,7 +337,7 @@ def run_ablations(*, configs: Sequence[Path] | None, overrides: Sequence[str], w
                          "evaluate_dir": str(out)}
     changes = {v.name: config_changes(v.cfg, ref.cfg) for v in variants}
     rows = [dataclasses.replace(r, extra=extra[r.variant] if r.setting == FINAL else {})
-            for r in build_rows(metrics, changes, ref.name)]
+            for r in build_rows(metrics, changes, ref.name, {v.name: v.cfg.ablation for v in variants})]
     text = format_markdown(rows, ref.name)
     md_path, json_path = root / TABLE_MD, root / TABLE_JSON
     write_text_atomic(md_path, text)

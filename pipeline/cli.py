@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the variant the others are compared with (default: irnn-identity if "
                                 "present, else the first)")
     ablations.add_argument("--stages", default="all", help="all, or a comma list (default: all)")
+    ablations.add_argument("--tables", default=None, metavar="N,N",
+                           help="only the configs whose ablation.table is one of these paper tables "
+                                "(e.g. 5,9), and the reference (default: every config)")
     ablations.add_argument("-o", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                            help="override one config value in every variant (repeatable)")
     ablations.add_argument("--workdir", type=Path, default=None,
@@ -152,7 +155,7 @@ def _cmd_ablations(args: argparse.Namespace) -> int:
     from pipeline.ablations import run_ablations
 
     run_ablations(configs=args.configs, overrides=args.overrides, workdir=args.workdir, stages_spec=args.stages,
-                  reference=args.reference, argv=args.argv)
+                  reference=args.reference, argv=args.argv, tables=args.tables)
     return 0
 
 

@@ -12,7 +12,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ion.data.config import DataConfig
 from ion.errors import UserError
@@ -23,7 +23,7 @@ from pipeline.runtime import RuntimeConfig
 from proposals.config import ProposalsConfig
 from stages.config import DetectConfig, EvaluateConfig, TrainConfig, TuneConfig
 
-__all__ = ["CONFIGS_DIR", "Config", "DEFAULT_CONFIG", "PROJECT_ROOT", "config_path", "RuntimeConfig", "config_reference", "load_config",
+__all__ = ["AblationConfig", "CONFIGS_DIR", "Config", "DEFAULT_CONFIG", "PROJECT_ROOT", "config_path", "RuntimeConfig", "config_reference", "load_config",
            "section_json", "to_yaml"]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +65,23 @@ def _path_base(folder: Path) -> Path:
 
 
 @dataclass(frozen=True)
+class AblationConfig:
+    """Which row of the paper's ablation tables a config reproduces (Sec. 5,
+    Tables 4-10), for `python -m pipeline ablations`; read by no stage."""
+
+    table: Optional[int] = field(default=None, metadata={
+        "help": "the paper's table the config reproduces a row of (4 .. 10); null: no paper row", "min": 1})
+    row: str = field(default="", metadata={"help": "the row, as the table labels it"})
+    paper_map: Optional[float] = field(default=None, metadata={
+        "help": "the paper's number for the row (VOC07 test mAP, %); null where the paper has none",
+        "min": 0.0, "max": 100.0})
+
+    def __post_init__(self) -> None:
+        if self.table is None and self.paper_map is not None:
+            raise ValueError("paper_map needs a table (the table the number comes from)")
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = field(default="default", metadata={"help": "run name: the MLflow experiment runs are filed under"})
     seed: int = field(default=0, metadata={"help": "seed of every random choice (data, sampling, init)", "min": 0})
@@ -82,6 +99,10 @@ class Config:
     runtime: RuntimeConfig = field(
         default_factory=RuntimeConfig,
         metadata={"help": "where and how to run; part of no cache key (pipeline/runtime.py)"})
+    ablation: AblationConfig = field(
+        default_factory=AblationConfig,
+        metadata={"help": "the paper's table row this config reproduces (ablation configs); part of no "
+                          "cache key"})
 
     def __post_init__(self) -> None:
         if not self.name.strip():

@@ -141,7 +141,7 @@ def _rounds(rois: Tensor, *, first: Scored, rescore: Callable[[Tensor], Scored],
     # all_classes: ROI (p, k) is round 1's candidate box of class k; it keeps class k.
     rois2, labels = round1[0], round1[2]  # (M, 4), (M,) in 1..K
     if rois2.shape[0] == 0:
-        return [round1, round1]
+        return [round1, round1]  # no candidate, nothing to re-score: both rounds empty
     scores2, deltas2 = rescore(rois2)  # (M, K+1), (M, K, 4)
     rows = torch.arange(rois2.shape[0], device=rois2.device)
     boxes2 = _decode(rois2, deltas2[rows, labels - 1][:, None, :], **frame)[:, 0]  # (M, 4)

@@ -55,7 +55,7 @@ class ContextConfig:
     input_to_hidden: Literal["shared", "per_direction"] = field(
         default="shared",
         metadata={"help": "IRNN input-to-hidden 1x1 conv: one shared by the four directions (Sec. 3.2), or "
-                          "one per direction (unshared: -0.1 mAP in the paper)"})
+                          "one per direction (unshared; sharing cost 0.1 mAP in the paper)"})
     variant: Literal["standard", "lr_then_ud"] = field(
         default="standard",
         metadata={"help": "IRNN directions: all four in both layers, or left-right then up-down (Table 10a)"})

@@ -14,7 +14,7 @@ import pytest
 from pipeline.ablations import (ABLATIONS_DIR, EXPERIMENT, build_rows, config_changes, format_markdown,
                                 table_metrics)
 from pipeline.cli import main
-from pipeline.config import DEFAULT_CONFIG, PROJECT_ROOT, load_config
+from pipeline.config import DEFAULT_CONFIG, PROJECT_ROOT, AblationConfig, load_config
 from pipeline.graph import cache_keys, registered_stages
 from ion.schema import to_plain
 
@@ -49,6 +49,29 @@ def _expected_model_changes(default) -> dict[str, dict[str, object]]:
         "irnn-learned": {**off, "context.recurrent": "learned"},
         "no-l2-norm": {**off, "norm": "none"},
         "seg-loss": {},  # the default itself
+        # Table 5, with the segmentation loss as the table has it.
+        "t5-channel-learned": {},
+        "t5-channel-fixed": {"scale_mode": "fixed"},
+        "t5-blob-learned": {"norm": "blob", "fuse": "false"},
+        "t5-blob-fixed": {"norm": "blob", "fuse": "false", "scale_mode": "fixed"},
+        # Table 7 (b), and (a)'s seg-loss pair.
+        "t7-conv5": {**off, "context.kind": "conv5", "context.pool_from_both": "false",
+                     "context.channels": scaled_channels(256, default.model.width)},
+        "t7-conv3-seg": {"context.kind": "conv3", "context.pool_from_both": "false",
+                         "context.channels": scaled_channels(VGG16_CONV5_CHANNELS, default.model.width)},
+        # Table 8: IRNN depth.
+        "t8-layers1": {"context.layers": 1},
+        "t8-layers2": {},
+        "t8-layers3": {"context.layers": 3},
+        "unshared-input": {"context.input_to_hidden": "per_direction"},  # Sec. 3.2
+        # Table 10.
+        "t10-lr-then-ud": {"context.variant": "lr_then_ud"},
+        "t10-pool-both": {"context.pool_directions": "concat"},
+        "t10-conv67": {"conv67": "true", "pool_from": ["conv3", "conv4", "conv5", "conv7", "context"]},
+        # Table 9: hidden units (the paper's 128..1024 at width 0.25) x Whh.
+        **{f"t9-hidden{h}-{rec}": {**({"context.hidden": h} if h != 128 else {}), "context.input_init": "random",
+                                   **({"context.recurrent": "learned"} if rec == "learned" else {})}
+           for h in (32, 64, 128, 256) for rec in ("learned", "identity")},
     }
 
 
@@ -66,7 +89,7 @@ def test_ablation_config_changes_only_its_model_keys(path):
     # Everything but the name and the model is the default's: same seed, data, proposals,
     # training schedule, tuning and evaluation (and the same workdir, so one shared store).
     for f in dataclasses.fields(cfg):
-        if f.name not in ("name", "model"):
+        if f.name not in ("name", "model", "ablation"):
             assert to_plain(getattr(cfg, f.name)) == to_plain(getattr(default, f.name)), f.name
     stages = registered_stages()
     keys, default_keys = cache_keys(stages, cfg), cache_keys(stages, default)
@@ -77,6 +100,31 @@ def test_ablation_config_changes_only_its_model_keys(path):
     assert changes == sorted(f"model.{k}: {_yaml_flow(v)}" for k, v in wanted.items()), (
         f"{path.name} should change exactly {wanted} in the default's model")
     assert (keys["train"] == default_keys["train"]) == (not wanted)
+
+
+def test_every_ablation_config_names_its_paper_row():
+    for path in ABLATION_FILES:
+        ablation = load_config(path).ablation
+        assert ablation.row, path.name
+        if ablation.table is not None:
+            assert 4 <= ablation.table <= 10, path.name
+            if path.stem.startswith("t"):
+                assert path.stem.startswith(f"t{ablation.table}_"), path.name
+    tables = {load_config(path).ablation.table for path in ABLATION_FILES}
+    assert tables >= {4, 5, 6, 7, 8, 9, 10}
+
+
+def test_tables_option_selects_configs(tmp_path, capsys):
+    from pipeline.ablations import parse_tables, select_tables, load_variants, pick_reference
+
+    variants = load_variants(ABLATION_FILES, [], tmp_path)
+    ref = pick_reference(variants, None)
+    chosen = select_tables(variants, parse_tables("8"), ref)
+    assert [v.name for v in chosen] == ["irnn-identity", "t8-layers1", "t8-layers2", "t8-layers3"]
+    assert main(["ablations", "--tables", "3", "--workdir", str(tmp_path)]) == 2
+    assert "no config reproduces a row of those tables" in capsys.readouterr().err
+    assert main(["ablations", "--tables", "five", "--workdir", str(tmp_path)]) == 2
+    assert "expected paper table numbers" in capsys.readouterr().err
 
 
 def _yaml_flow(value) -> str:
@@ -99,7 +147,7 @@ SETTINGS = {"final": {"candidates": "flip", "nms_iou": 0.45, "score_thresh": 0.0
                         "vote_iou": 0.8},
             "no_voting": {"candidates": "flip", "nms_iou": 0.45, "score_thresh": 0.05, "max_dets": 100,
                           "vote_iou": None},
-            "baseline": {"candidates": "plain", "nms_iou": 0.3, "vote_iou": None}}
+            "baseline": {"candidates": "round1", "nms_iou": 0.3, "vote_iou": None}}
 
 
 def test_table_from_metrics_files():
@@ -114,23 +162,27 @@ def test_table_from_metrics_files():
     }
     changes = {"irnn-identity": [], "none": ["model.context.kind: none", "model.pool_from: [conv3, conv4, conv5]"],
                "no-l2-norm": ["model.norm: none"]}
-    rows = build_rows(metrics, changes, "irnn-identity")
+    papers = {"irnn-identity": AblationConfig(table=7, row="(d) 2x stacked 4-dir IRNN", paper_map=75.6),
+              "none": AblationConfig(table=6, row="C3 C4 C5", paper_map=75.1)}
+    rows = build_rows(metrics, changes, "irnn-identity", papers)
     assert format_markdown(rows, "irnn-identity") == (
         "Test-split COCO AP (AP@[.5:.95]), AP50, APs (small objects) and the mean AP / AP50 of the context "
         "classes. Variant rows: the evaluate stage's final setting (flip TTA, tuned NMS, box voting). "
-        "Rows \"irnn-identity, ...\": the reference run's evaluate settings with one test-time step off.\n"
+        "Rows \"irnn-identity, ...\": the reference run's evaluate settings with one test-time step off. "
+        "\"paper\": the table and row of Bell et al. 2016 the config reproduces and its VOC07 test mAP (%).\n"
         "\n"
-        "| row | differs from irnn-identity | AP | AP50 | APs | context AP | context AP50 |\n"
-        "|---|---|---:|---:|---:|---:|---:|\n"
-        "| irnn-identity | (reference) | 0.188 | 0.437 | 0.192 | 0.300 | 0.500 |\n"
-        "| none | model.context.kind: none; model.pool_from: [conv3, conv4, conv5] | 0.150 | 0.400 | n/a | "
-        "0.100 | 0.250 |\n"
-        "| no-l2-norm | model.norm: none | 0.000 | 0.000 | 0.000 | n/a | n/a |\n"
-        "| irnn-identity, no flip | test: no flip TTA (unflipped candidates) | 0.153 | 0.410 | 0.170 | 0.280 | "
-        "0.470 |\n"
-        "| irnn-identity, no voting | test: no box voting | 0.156 | 0.420 | 0.180 | 0.290 | 0.480 |\n"
-        "| irnn-identity, plain NMS 0.3 | test: plain NMS 0.3, no tuning, no flip, no voting | 0.123 | 0.350 | "
-        "0.140 | 0.200 | 0.400 |\n")
+        "| row | differs from irnn-identity | paper | paper mAP | AP | AP50 | APs | context AP | context AP50 |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|\n"
+        "| irnn-identity | (reference) | T7 (d) 2x stacked 4-dir IRNN | 75.6 | 0.188 | 0.437 | 0.192 | 0.300 | "
+        "0.500 |\n"
+        "| none | model.context.kind: none; model.pool_from: [conv3, conv4, conv5] | T6 C3 C4 C5 | 75.1 | 0.150 | "
+        "0.400 | n/a | 0.100 | 0.250 |\n"
+        "| no-l2-norm | model.norm: none |  |  | 0.000 | 0.000 | 0.000 | n/a | n/a |\n"
+        "| irnn-identity, no flip | test: no flip TTA (unflipped candidates) |  |  | 0.153 | 0.410 | 0.170 | "
+        "0.280 | 0.470 |\n"
+        "| irnn-identity, no voting | test: no box voting |  |  | 0.156 | 0.420 | 0.180 | 0.290 | 0.480 |\n"
+        "| irnn-identity, one round, plain NMS 0.3 | test: one round of box regression, plain NMS 0.3, no tuning, "
+        "no flip, no voting |  |  | 0.123 | 0.350 | 0.140 | 0.200 | 0.400 |\n")
     logged = table_metrics(rows)
     assert logged["irnn-identity/AP"] == 0.1875 and logged["irnn-identity/baseline/context_AP50"] == 0.4
     assert logged["none/context_AP"] == 0.1
@@ -178,7 +230,8 @@ def test_ablations_command_end_to_end(tmp_path, workdir):
     table = json.loads((workdir / "ablations.json").read_text())
     assert table["reference"] == "irnn-identity"
     assert [r["row"] for r in table["rows"]] == ["irnn-identity", "global", "irnn-identity, no flip",
-                                                 "irnn-identity, no voting", "irnn-identity, plain NMS 0.3"]
+                                                 "irnn-identity, no voting",
+                                                 "irnn-identity, one round, plain NMS 0.3"]
     for row in table["rows"]:
         assert all(isinstance(row["values"][k], float) for k in ("AP", "AP50", "APs", "context_AP", "context_AP50"))
     assert table["rows"][1]["changes"] == ["model.context.kind: global"]
@@ -203,3 +256,15 @@ def test_ablations_command_end_to_end(tmp_path, workdir):
     assert {"irnn-identity/AP", "global/AP", "irnn-identity/baseline/AP"} <= set(run.data.metrics)
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"ablations.md", "ablations.json"}
     assert run.data.tags["run.global"] == table["rows"][1]["run_id"]
+
+
+def test_voc07_column_when_evaluate_reported_it():
+    with_voc = {**_entry(0.4, 0.7, 0.2), "voc07_mAP": 0.71}
+    metrics = {"irnn-identity": {"final": with_voc}, "none": {"final": _entry(0.3, 0.6, 0.1)}}
+    rows = build_rows(metrics, {"none": ["model.context.kind: none"]}, "irnn-identity")
+    md = format_markdown(rows, "irnn-identity")
+    assert "| AP | AP50 | APs | context AP | context AP50 | VOC07 mAP |" in md
+    assert md.splitlines()[-2].endswith("| 0.710 |") and md.splitlines()[-1].endswith("| n/a |")
+    assert table_metrics(rows)["irnn-identity/voc07_mAP"] == 0.71
+    plain = build_rows({"none": {"final": _entry(0.3, 0.6, 0.1)}}, {}, "none")
+    assert "VOC07 mAP |" not in format_markdown(plain, "none")
