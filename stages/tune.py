@@ -21,7 +21,6 @@ killed run asked for with their own parameters, so best.json is the same.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -114,7 +113,8 @@ def trial_params(tcfg, *, seed: int, number: int) -> dict | None:
         unit = np.random.default_rng([seed, number]).random(len(space))
     elif tcfg.sampler == "sobol":
         sobol = qmc.Sobol(d=len(space), scramble=True, seed=seed)
-        sobol.fast_forward(number)
+        if number:  # scipy's fast_forward(0) overflows
+            sobol.fast_forward(number)
         unit = sobol.random(1)[0]
     else:
         return None
@@ -144,28 +144,57 @@ def _first_open_batch(study: optuna.Study, parallel: int) -> int:
     return first
 
 
-def _ask_batch(study: optuna.Study, tcfg, *, seed: int, numbers: range) -> list:
-    """Trials `numbers`: those a killed run asked for and never told are taken up
-    again with their own parameters, the missing ones asked for. TPE gets a
-    sampler seeded with (seed, number) and sees the batches before this one,
-    as in an uninterrupted run (trials asked but not told are not part of its history)."""
+def _ask_batch(study: optuna.Study, tcfg, *, seed: int, numbers: range) -> list[tuple[int, dict]]:
+    """(number, params) of trials `numbers` still to evaluate: those a killed run
+    asked for and never told are taken up again with their own parameters, the
+    missing ones asked for.
+
+    Every trial's parameters are chosen before it is written to the journal and
+    written with it in one record (enqueue_trial's fixed params), so a run killed
+    while Optuna was writing the trial's records leaves either no trial or one
+    whose parameters are all known."""
+    space = _distributions(tcfg)
     existing = {t.number: t for t in study.get_trials(deepcopy=False)}
     batch = []
     for number in numbers:
         if number in existing:
             if existing[number].state not in _FINISHED:
-                batch.append(existing[number])
+                batch.append((number, _take_up(study, existing[number], space)))
             continue
         assert len(study.get_trials(deepcopy=False)) == number, "trial numbers are consecutive"
         params = trial_params(tcfg, seed=seed, number=number)
         if params is None:
-            study.sampler = optuna.samplers.TPESampler(seed=_trial_seed(seed, number))
-        else:
-            with warnings.catch_warnings():  # experimental since Optuna 2.4, and still here in 4.x
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.sampler = optuna.samplers.PartialFixedSampler(params, optuna.samplers.RandomSampler(seed=0))
-        batch.append(study.ask(_distributions(tcfg)))
+            params = _tpe_params(study, space, seed=_trial_seed(seed, number))
+        study.enqueue_trial(params)
+        trial = study.ask(space)
+        assert trial.number == number and trial.params == params
+        batch.append((number, params))
     return batch
+
+
+def _tpe_params(study: optuna.Study, space: dict, *, seed: int) -> dict:
+    """TPE's draw for the next trial, seeded, from the trials told so far (those
+    asked but not told are no part of its history, as in Optuna's own TPE)."""
+    replica = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+    replica.add_trials(_complete(study))
+    return replica.ask(space).params
+
+
+def _take_up(study: optuna.Study, trial: optuna.trial.FrozenTrial, space: dict) -> dict:
+    """A trial a killed run left asked-for but not told: its parameters complete
+    in the journal (the run may have died between them) and running."""
+    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+    missing = [name for name in space if name not in params]
+    if missing:
+        raise UserError(f"study trial {trial.number} has no value for {missing} (a journal written by another "
+                        "program?); delete <out>/study.journal to start the study anew")
+    storage, trial_id = study._storage, trial._trial_id  # Optuna has no public API to complete a trial's params
+    if trial.state == optuna.trial.TrialState.WAITING:
+        storage.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING)
+    for name, dist in space.items():
+        if name not in trial.params:
+            storage.set_trial_param(trial_id, name, dist.to_internal_repr(params[name]), dist)
+    return {name: params[name] for name in space}
 
 
 def _open_study(path: Path) -> optuna.Study:
@@ -221,12 +250,11 @@ def _complete(study) -> list:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
 
-def _evaluate_batch(study: optuna.Study, trials: list, task: dict, ctx: StageContext) -> None:
-    values = ctx.map(trial_ap, [{**task, "params": t.params} for t in trials], desc="trials")
-    for trial, value in zip(trials, values):
-        study.tell(trial.number, value)
-        ctx.log_metrics({"trial_AP": value, **{f"trial_{k}": float(v) for k, v in trial.params.items()}},
-                        step=trial.number)
+def _evaluate_batch(study: optuna.Study, trials: list[tuple[int, dict]], task: dict, ctx: StageContext) -> None:
+    values = ctx.map(trial_ap, [{**task, "params": params} for _, params in trials], desc="trials")
+    for (number, params), value in zip(trials, values):
+        study.tell(number, value)
+        ctx.log_metrics({"trial_AP": value, **{f"trial_{k}": float(v) for k, v in params.items()}}, step=number)
 
 
 def _thresholds(params: dict) -> dict:

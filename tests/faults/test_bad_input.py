@@ -19,9 +19,11 @@ def test_non_finite_loss_is_one_line_with_where_and_what_to_change(shared_run, t
 def coco_overrides(annotations: str, images: str, **extra: str) -> list[str]:
     """-o flags for data.source coco on the smoke data stage's own files: `annotations`
     as train, its minival as val (4 held out as minival, the rest the test split)."""
-    flags = {"data.source": "coco", "data.coco.train_annotations": annotations, "data.coco.train_images": images,
+    # data.source last: each -o is checked as it is applied, and source coco needs the files named.
+    flags = {"data.coco.train_annotations": annotations, "data.coco.train_images": images,
              "data.coco.val_annotations": annotations.replace("train", "minival"),
-             "data.coco.val_images": images, "data.coco.minival_size": "4", "data.coco.val_rest": "test", **extra}
+             "data.coco.val_images": images, "data.coco.minival_size": "4", "data.coco.val_rest": "test", **extra,
+             "data.source": "coco"}
     return [word for key, value in flags.items() for word in ("-o", f"{key}={value}")]
 
 

@@ -101,3 +101,23 @@ def test_two_workers_after_a_failure_match_one_uninterrupted_process(dying_run, 
     # The logged losses agree too (summed over both workers' images).
     losses = [rec["loss"] for rec in ray_state["history"]]
     assert losses == pytest.approx([rec["loss"] for rec in result.history], rel=1e-5)
+
+
+def user_error_worker(session, *, attempts: str):
+    """A worker whose input is bad (a wrong init_from, say): every attempt would fail alike."""
+    from ion.errors import UserError
+
+    with open(attempts, "a", encoding="utf-8") as f:
+        f.write(f"{session.rank}\n")
+    raise UserError("train.phases[0].init_from: /nowhere.pt: no such file (fix the path)")
+
+
+def test_user_error_in_a_worker_is_not_retried(ray_cluster, tmp_path):
+    from ion.errors import UserError
+
+    attempts = tmp_path / "attempts"
+    setup = TrainerSetup(num_workers=2, use_gpu=False, storage_dir=tmp_path / "storage", name="bad",
+                         max_failures=2, keep_checkpoints=1)
+    with pytest.raises(UserError, match="init_from: /nowhere.pt: no such file"):
+        run_trainer(user_error_worker, {"attempts": str(attempts)}, setup)
+    assert sorted(attempts.read_text().split()) == ["0", "1"]  # one attempt per worker, no retries
