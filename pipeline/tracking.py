@@ -28,10 +28,10 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH  # noqa: E402
 
-from pipeline.runtime import MLFLOW_DB, tracking_uri_for  # noqa: E402
+from pipeline.runtime import MLFLOW_DB, TRACKING_URI_ENV, tracking_uri_for  # noqa: E402
 from ion.schema import flatten  # noqa: E402
 
-__all__ = ["FAILED", "FINISHED", "KILLED", "TrackedRun", "Tracker", "tracking_uri_for", "ui_hint"]
+__all__ = ["FAILED", "FINISHED", "KILLED", "TrackedRun", "Tracker", "run_by_id", "tracking_uri_for", "ui_hint"]
 
 ARTIFACTS_DIR = "mlartifacts"
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
@@ -78,6 +78,11 @@ class TrackedRun:
         for start in range(0, len(batch), _MAX_METRICS_PER_BATCH):
             self._client.log_batch(self.run_id, metrics=batch[start:start + _MAX_METRICS_PER_BATCH])
 
+    def last_step(self, key: str) -> int | None:
+        """The highest step logged for metric `key` in this run, None when none is."""
+        history = self._client.get_metric_history(self.run_id, mlflow_key(key))
+        return max((m.step for m in history), default=None)
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Nested values are flattened to dotted keys; values are clipped to MLflow's length limit."""
         flat = flatten(dict(params))
@@ -106,6 +111,15 @@ class TrackedRun:
         if error is not None:
             self.set_tags({"error": error})
         self._client.set_terminated(self.run_id, status=status)
+
+
+def run_by_id(run_id: str) -> TrackedRun:
+    """An existing run, from another process (a Ray Train worker): the store is
+    MLFLOW_TRACKING_URI, which pipeline/cluster.py gives every Ray worker."""
+    uri = os.environ.get(TRACKING_URI_ENV)
+    if not uri:
+        raise RuntimeError(f"{TRACKING_URI_ENV} is not set in this worker (pipeline/cluster.py's runtime env sets it)")
+    return TrackedRun(MlflowClient(tracking_uri=uri), run_id)
 
 
 class Tracker:

@@ -92,7 +92,12 @@ class TrainSession(Protocol):
         """ion.engine's checkpoint callback: store `state`, say where."""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Log to the stage's MLflow run while training runs (rank 0 only logs)."""
+        """Log to the stage's MLflow run while training runs (rank 0 only logs;
+        steps the run already holds are skipped, so a resumed run may log its
+        whole history)."""
+
+    def report_progress(self, done: int, total: int, images_per_iteration: int = 1) -> None:
+        """`done` of `total` iterations finished: the driver prints progress lines (rank 0 only reports)."""
 
 
 class StageContext(Protocol):
@@ -108,13 +113,16 @@ class StageContext(Protocol):
     def map(self, fn: Callable[[Any], T], items: Sequence[Any], desc: str, gpu: bool = False) -> list[T]:
         """`[fn(item) for item in items]` as Ray tasks, in item order, with progress."""
 
-    def progress(self, iterable: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
-        """`iterable` with progress."""
+    def progress(self, iterable: Iterable[T], desc: str, total: int | None = None,
+                 unit: str = "items") -> Iterable[T]:
+        """`iterable` with progress lines: done/total, `unit`/s, ETA (pipeline/progress.py)."""
 
-    def train_placement(self) -> tuple[bool, bool]:
-        """(train as a distributed job, with GPUs) for runtime.train_workers and the cluster's GPUs."""
+    def train_placement(self, workers: int | None = None) -> tuple[bool, bool]:
+        """(train as a distributed job, with GPUs) for `workers` (default
+        runtime.train_workers) and the cluster's GPUs."""
 
     def run_trainer(self, worker_fn: Callable[..., Any], worker_config: dict[str, Any],
                     setup: TrainerSetup) -> TrainerOutcome:
-        """Run `worker_fn(session: TrainSession, **worker_config)` on setup.num_workers workers."""
+        """Run `worker_fn(session: TrainSession, **worker_config)` on setup.num_workers workers;
+        the session's log_metrics reaches this stage's MLflow run while it trains."""
 

@@ -59,10 +59,10 @@ class FakeContext:
         self.maps.append((fn, items))
         return [fn(item) for item in items]
 
-    def progress(self, iterable, desc, total=None):
+    def progress(self, iterable, desc, total=None, unit="items"):
         return iterable
 
-    def train_placement(self):
+    def train_placement(self, workers=None):
         return False, False  # one CPU process, as RunContext for train_workers 1 on the CPU
 
 

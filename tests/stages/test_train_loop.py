@@ -594,10 +594,10 @@ class StageContext:
     def log_metrics(self, metrics, step=None):
         self.logged.append((step, metrics))
 
-    def progress(self, iterable, desc, total=None):
+    def progress(self, iterable, desc, total=None, unit="items"):
         return iterable
 
-    def train_placement(self):
+    def train_placement(self, workers=None):
         return False, False  # one CPU process, as RunContext for train_workers 1 on the CPU
 
 
