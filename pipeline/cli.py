@@ -107,7 +107,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                 tags={"command": shlex.join(["python", "-m", "pipeline", *args.argv])})
         except UserError as err:  # printed here too, so the log holds it
             print(f"error: {err}", file=sys.stderr)
-            print(f"log: {log.path}", file=sys.stderr)
             raise _Reported(err) from None
         print()
         print(format_summary(report))

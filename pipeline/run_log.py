@@ -71,8 +71,8 @@ class RunLog:
         self._handlers = [logging.StreamHandler(self._saved[1]), logging.StreamHandler(self._file)]
         self._handlers[0].setLevel(logging.WARNING)
         self._handlers[1].setLevel(logging.INFO)
+        self._handlers[1].setFormatter(logging.Formatter(_FORMAT))  # stderr keeps last-resort's bare message
         for handler in self._handlers:
-            handler.setFormatter(logging.Formatter(_FORMAT))
             root.addHandler(handler)
         self._root_level = root.level
         root.setLevel(min(root.level or logging.INFO, logging.INFO))
