@@ -162,8 +162,8 @@ def iterate(iterable: Iterable[T], desc: str, total: Optional[int] = None, unit:
 @contextmanager
 def heartbeat(desc: str) -> Iterator[None]:
     """While the block runs, print `desc: working, <t> elapsed` whenever no
-    progress line was printed for ION_PROGRESS_EVERY seconds (at least 1 s)."""
-    every = max(print_every(), 1.0)
+    progress line was printed for ION_PROGRESS_EVERY seconds (at least 5 s)."""
+    every = max(print_every(), 5.0)
     started = time.monotonic()
     stop = threading.Event()
 

@@ -21,10 +21,11 @@ writes done/total to a small file in the storage directory, which the driver
 polls and prints as progress lines: Ray does not forward worker stdout,
 pipeline/cluster.py).
 
-Gradients are all-reduced by ion/engine/ itself instead of wrapping the
-model in DistributedDataParallel (ray.train.torch.prepare_model): DDP fixes at
-construction which parameters carry gradients, and the frozen groups change
-from one phase to the next.
+Gradients are all-reduced by ion/engine/ itself (ion/engine/grad_sync.py:
+buckets sent during the backward of each worker's last image) instead of
+wrapping the model in DistributedDataParallel (ray.train.torch.prepare_model):
+DDP fixes at construction which parameters carry gradients, and the frozen
+groups change from one phase to the next.
 """
 from __future__ import annotations
 

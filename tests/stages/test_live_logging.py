@@ -1,7 +1,13 @@
 """Training is watchable while it runs: with 2 Ray Train workers, the train
 stage's MLflow run gets its loss points during training (rank 0 logs them),
 not after, and a piped stdout shows done/total progress lines before the
-stage's end line; the run's log file holds what it printed."""
+stage's end line; the run's log file holds what it printed.
+
+"During training" is checked by causality rather than by the clock: the first
+loss point is older than the checkpoint rank 0 wrote at the end of phase 0.
+(Whether it also falls in the first half of the stage's run time depends on
+how long Ray Train takes to start against how long training takes: on the
+shared 2-core test machine the start-up alone took over two minutes.)"""
 from __future__ import annotations
 
 import os
@@ -11,8 +17,7 @@ import sys
 
 from pipeline.config import PROJECT_ROOT
 
-# Enough iterations that training, not Ray Train's start-up, fills most of the stage.
-ITERATIONS = (40, 20)
+ITERATIONS = (20, 10)
 
 
 def test_two_workers_log_losses_while_training_and_print_progress(tmp_path):
@@ -26,7 +31,7 @@ def test_two_workers_log_losses_while_training_and_print_progress(tmp_path):
             [sys.executable, "-m", "pipeline", "run", "--config", "smoke", "--stages", "data,proposals,train",
              "--workdir", str(workdir), "-o", "runtime.train_workers=2", "-o", "runtime.num_workers=2",
              "-o", f"train.phases[0].iterations={ITERATIONS[0]}", "-o", f"train.phases[1].iterations={ITERATIONS[1]}",
-             "-o", "train.checkpoint_every=20"],
+             "-o", "train.checkpoint_every=10"],
             cwd=PROJECT_ROOT, env=env, stdout=piped, stderr=subprocess.STDOUT, timeout=900)
     text = stdout.read_text()
     assert done.returncode == 0, text[-4000:]
@@ -48,5 +53,7 @@ def test_two_workers_log_losses_while_training_and_print_progress(tmp_path):
     [run] = client.search_runs([experiment.experiment_id], "tags.stage = 'train'")
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, total + 1))  # log_every 1, each step once
-    middle = run.info.start_time + (run.info.end_time - run.info.start_time) / 2
-    assert min(m.timestamp for m in history) < middle
+    [phase0_end] = (workdir / "artifacts" / "train").glob("*/ray/train/phase0_first/checkpoint.pt")
+    first_logged_ms = min(m.timestamp for m in history)
+    assert first_logged_ms < phase0_end.stat().st_mtime * 1000
+    assert run.info.start_time <= first_logged_ms <= run.info.end_time
