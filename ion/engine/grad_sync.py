@@ -7,10 +7,12 @@ during the exchange; DDP's answer is buckets sent as soon as their gradients
 are final. Here the gradients are final only during the backward of a
 worker's last image of the update, so the hooks do nothing until `arm()`.
 
-Buckets are fixed per phase (the trainable parameters, in reverse
-registration order, the order backward roughly produces them, cut every
-`bucket_bytes`), identical on every worker, and launched strictly in bucket
-order (collectives must be issued in the same order everywhere). A bucket
+Buckets are identical on every worker and launched strictly in bucket order
+(collectives must be issued in the same order everywhere). At a phase start
+they follow reverse registration order; after the phase's first update they
+are rebuilt in the order rank 0's backward produced the gradients (one
+broadcast per phase), parameters that got none last, so the first buckets
+fill early and are sent while backward goes on. A bucket
 waits until every parameter in it has its gradient; the ones that got none in
 this backward (not used by this worker's last image) are completed in
 `finish()`, which zero-fills gradients that are still missing (as the
@@ -45,7 +47,10 @@ class OverlappedAllReduce:
 
     def set_trainable(self) -> None:
         """Rebuild the buckets from the parameters that require a gradient now (at a phase start)."""
-        trainable = [p for p in reversed(self._params) if p.requires_grad]
+        self._build([p for p in reversed(self._params) if p.requires_grad])
+        self._order_known = False
+
+    def _build(self, trainable: list[Tensor]) -> None:
         self._buckets, current, size = [], [], 0
         for p in trainable:
             current.append(p)
@@ -56,12 +61,14 @@ class OverlappedAllReduce:
         if current:
             self._buckets.append(current)
         self._bucket_of = {id(p): i for i, bucket in enumerate(self._buckets) for p in bucket}
+        self._index = {id(p): i for i, p in enumerate(self._params)}
         self._reset()
 
     def _reset(self) -> None:
         self._pending = [len(b) for b in self._buckets]  # parameters still without their final gradient
         self._next = 0  # the next bucket to launch
         self._launched: list[tuple[Tensor, list[Tensor], object]] = []
+        self._fired: list[int] = []  # parameter indices in the order their gradients became final
 
     def arm(self) -> None:
         """The next backward is this update's last on this worker: its gradients are final."""
@@ -73,6 +80,7 @@ class OverlappedAllReduce:
         index = self._bucket_of.get(id(param))
         if index is None:
             return
+        self._fired.append(self._index[id(param)])
         self._pending[index] -= 1
         self._launch_ready()
 
@@ -102,7 +110,20 @@ class OverlappedAllReduce:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))
                 offset += g.numel()
         self._armed = False
+        if not self._order_known:
+            self._learn_order()
         self._reset()
+
+    def _learn_order(self) -> None:
+        """Buckets in the order rank 0's gradients became final (the same on every worker)."""
+        trainable = [i for i, p in enumerate(self._params) if id(p) in self._bucket_of]
+        fired = list(dict.fromkeys(self._fired))
+        seen = set(fired)
+        order = [fired + [i for i in reversed(trainable) if i not in seen]]
+        device = self._params[0].device if dist.get_backend() == "nccl" else None
+        dist.broadcast_object_list(order, src=0, device=device)
+        self._build([self._params[i] for i in order[0]])
+        self._order_known = True
 
     def remove(self) -> None:
         for handle in self._handles:
