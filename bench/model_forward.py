@@ -63,13 +63,13 @@ def bench(width: float, device: torch.device, repeats: int, num_proposals: int) 
     x = ((torch.from_numpy(image).permute(2, 0, 1).float() / 255 - model.pixel_mean.cpu()[:, None, None])
          / model.pixel_std.cpu()[:, None, None])[None].to(device)
     rois = torch.from_numpy(proposals).to(device)
-    amp_modes = (False, True) if device.type == "cuda" else (False,)
+    amp_modes = ("off", "bf16") if device.type == "cuda" else ("off",)
     variants = {}
     for amp in amp_modes:
-        suffix = " amp" if amp else ""
+        suffix = f" {amp}" if amp != "off" else ""
 
         def forward(amp=amp):
-            with torch.inference_mode(), torch.autocast(device.type, enabled=amp):
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp != "off"):
                 model(x, rois)
 
         def raw(amp=amp):
@@ -116,7 +116,7 @@ def main() -> None:
     if cpu and gpu_rows:
         print("ratios GPU / CPU:")
         for label, width, variant, ips in gpu_rows:
-            key = (width, variant.replace(" amp", ""))
+            key = (width, variant.replace(" bf16", ""))
             if key in cpu:
                 print(f"{label:>24}  width {width:<5} {variant:<22} {ips / cpu[key]:7.1f}x")
 

@@ -112,18 +112,34 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.runner import format_summary, run_stages
     from pipeline.tracking import Tracker, tracking_uri_for
 
+    from pipeline.progress import print_every
+    from pipeline.run_log import RunLog
+
+    print_every()  # a bad ION_PROGRESS_EVERY fails before any work
     workdir = Path(cfg.runtime.workdir)
-    print(f"config {display_path(config_path(args.config or DEFAULT_CONFIG))} | workdir {workdir} | "
-          f"stages {','.join(s.name for s in selected)}{' (--force)' if args.force else ''}", flush=True)
-    tracker = Tracker(tracking_uri=tracking_uri_for(workdir), experiment=cfg.name, workdir=workdir,
-                      config_file=config_path(args.config or DEFAULT_CONFIG))
-    tracker.check_reachable()
-    report = run_stages(cfg, stages=stages, selected=selected, tracker=tracker, force=args.force,
-                        command=_rerun_command(args), run_name=args.stages,
-                        tags={"command": shlex.join(["python", "-m", "pipeline", *args.argv])}, stops=args.stops)
-    print()
-    print(format_summary(report))
+    with RunLog(workdir) as log:
+        print(f"config {display_path(config_path(args.config or DEFAULT_CONFIG))} | workdir {workdir} | "
+              f"stages {','.join(s.name for s in selected)}{' (--force)' if args.force else ''}", flush=True)
+        print(f"log: {log.path}", flush=True)
+        tracker = Tracker(tracking_uri=tracking_uri_for(workdir), experiment=cfg.name, workdir=workdir,
+                          config_file=config_path(args.config or DEFAULT_CONFIG))
+        try:
+            tracker.check_reachable()
+            report = run_stages(cfg, stages=stages, selected=selected, tracker=tracker, force=args.force,
+                                command=_rerun_command(args), run_name=args.stages,
+                                tags={"command": shlex.join(["python", "-m", "pipeline", *args.argv])},
+                                stops=args.stops)
+        except UserError as err:  # printed here too, so the log holds it
+            print(f"error: {err}", file=sys.stderr)
+            raise _Reported(err) from None
+        print()
+        print(format_summary(report))
+        print(f"log:     {log.path}")
     return 0
+
+
+class _Reported(Exception):
+    """A UserError already printed (inside the run log)."""
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -183,6 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handlers[args.command](args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except _Reported:
         return EXIT_USER_ERROR
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", None) or args.stops.signum or signal.SIGINT

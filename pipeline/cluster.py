@@ -7,7 +7,7 @@ the workdir and the project on PYTHONPATH through the runtime env, so they can
 import stages/, ion/ and proposals/ (on a cluster the project must be at the
 same path on every node, or installed there).
 
-`ray_map` runs `fn(item)` as Ray tasks with a progress bar, results in item order.
+`ray_map` runs `fn(item)` as Ray tasks with progress lines (pipeline/progress.py), results in item order.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import ray
-from tqdm import tqdm
 
 from ion.errors import UserError
+from pipeline.progress import Progress
 from pipeline.runtime import TRACKING_URI_ENV, RuntimeConfig, tracking_uri_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +174,7 @@ def ray_map(fn: Callable[[Any], Any], items: Iterable[Any], desc: str, gpu: bool
     index = {ref: i for i, ref in enumerate(refs)}
     results: list[Any] = [None] * len(items)
     pending = list(refs)
-    with tqdm(total=len(items), desc=desc, unit="item", disable=None, leave=False) as bar:
+    with Progress(desc, total=len(items), unit="items") as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=min(len(pending), _WAIT_BATCH), timeout=0.5)
             for ref in done:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Mapping, Protocol, Sequence, TypeVar
 
-from tqdm import tqdm
 
+from pipeline.progress import iterate
 from pipeline.stopping import NO_SIGNALS, StopSignals
 from stages.contract import RuntimeConfig, TrainerOutcome, TrainerSetup
 
@@ -68,18 +68,21 @@ class RunContext:
         # gets CUDA_VISIBLE_DEVICES="" from Ray, so its torch.cuda.is_available() is False.
         return self._mapper.map(fn, items, desc, gpu=gpu and self.runtime.device != "cpu")
 
-    def progress(self, iterable: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
-        # disable=None: a bar on a terminal, nothing in logs and CI.
-        return tqdm(iterable, desc=desc, total=total, disable=None, leave=False)
+    def progress(self, iterable: Iterable[T], desc: str, total: int | None = None,
+                 unit: str = "items") -> Iterable[T]:
+        return iterate(iterable, desc, total=total, unit=unit)
 
-    def train_placement(self) -> tuple[bool, bool]:
+    def train_placement(self, workers: int | None = None) -> tuple[bool, bool]:
+        workers = workers or self.runtime.train_workers
         # Ray is not even imported for one CPU process.
-        if self.runtime.train_workers == 1 and self.runtime.device == "cpu":
+        if workers == 1 and self.runtime.device == "cpu":
             return False, False
         from pipeline.train_adapter import use_ray_train
-        return use_ray_train(self.runtime)
+        return use_ray_train(self.runtime, workers=workers)
 
     def run_trainer(self, worker_fn: Callable[..., Any], worker_config: dict[str, Any],
                     setup: TrainerSetup) -> TrainerOutcome:
         from pipeline.train_adapter import run_trainer
-        return run_trainer(worker_fn, worker_config, setup, runtime=self.runtime)
+        # Rank 0 logs the losses to this stage's MLflow run while it trains.
+        return run_trainer(worker_fn, worker_config, setup, runtime=self.runtime,
+                           mlflow_run_id=getattr(self._run, "run_id", None))

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from ion.errors import UserError
 from pipeline.cluster import Cluster
 from pipeline.graph import SHORT_KEY, Stage, cache_materials
+from pipeline.progress import emit, heartbeat
 from pipeline.run_context import RunContext
 from ion.schema import to_plain, to_yaml
 from pipeline.stopping import NO_SIGNALS, StopSignals
@@ -178,8 +179,10 @@ def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], material: dict, st
                          config_text=config_text, model_run=_model_run(tracker, store, keys))
         inputs = {name: store.path(name, keys[name]) for name in stage.upstream}
         begun = time.perf_counter()
+        emit(f"stage {stage.name}: started (key {key[:SHORT_KEY]})")
         try:
-            result = stage.run(cfg, inputs, out, ctx)
+            with heartbeat(f"stage {stage.name}"):
+                result = stage.run(cfg, inputs, out, ctx)
             if not isinstance(result, StageResult):
                 raise TypeError(f"stage {stage.name!r} returned {type(result).__name__}, not a StageResult")
         except KeyboardInterrupt:
@@ -204,6 +207,7 @@ def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], material: dict, st
     if (out / PLOTS_DIR).is_dir():
         run.log_dir(out / PLOTS_DIR, PLOTS_DIR)
     run.finish(FINISHED)
+    emit(f"stage {stage.name}: finished in {seconds:.1f}s")
     return StageOutcome(name=stage.name, key=key, cached=False, seconds=time.perf_counter() - start,
                         produced_seconds=seconds, path=out, run_id=run.run_id, metrics=metrics,
                         summary=summary)
@@ -244,6 +248,7 @@ def _reuse(stage: Stage, cfg: Any, *, key: str, store: ArtifactStore, tracker: T
     """A cache hit: a child run that says so and points to the run that produced the output."""
     manifest = store.manifest(stage.name, key)
     assert manifest is not None, "a cache hit has a manifest"
+    emit(f"stage {stage.name}: cached (key {key[:SHORT_KEY]})")
     produced_by = manifest.get("mlflow_run_id")
     run = tracker.start_stage(parent, stage=stage.name, key=key, cache_hit=True, produced_by=produced_by)
     run.log_params({name: to_plain(getattr(cfg, name)) for name in stage.reads})

@@ -61,8 +61,8 @@ from pipeline.pending import PendingRecords  # noqa: E402
 from pipeline.runtime import MLFLOW_DB, TRACKING_URI_ENV, tracking_uri_for  # noqa: E402
 from ion.schema import flatten  # noqa: E402
 
-__all__ = ["FAILED", "FINISHED", "KILLED", "TrackedRun", "Tracker", "download_artifacts", "tracking_uri_for",
-           "ui_hint"]
+__all__ = ["FAILED", "FINISHED", "KILLED", "TrackedRun", "Tracker", "download_artifacts", "run_by_id",
+           "tracking_uri_for", "ui_hint"]
 
 ARTIFACTS_DIR = "mlartifacts"
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
@@ -120,6 +120,11 @@ class TrackedRun:
             self._tracker.send({"op": "metrics", "run": self.run_id,
                                 "metrics": rows[start:start + _MAX_METRICS_PER_BATCH]})
 
+    def last_step(self, key: str) -> int | None:
+        """The highest step logged for metric `key` in this run, None when none is."""
+        history = self._tracker._client.get_metric_history(self.run_id, mlflow_key(key))
+        return max((m.step for m in history), default=None)
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Nested values are flattened to dotted keys; values are clipped to MLflow's length limit."""
         flat = flatten(dict(params))
@@ -172,6 +177,36 @@ class TrackedRun:
         if error is not None:
             self.set_tags({"error": error})
         self._tracker.send({"op": "terminate", "run": self.run_id, "status": status, "end": _now_ms()})
+
+
+def run_by_id(run_id: str) -> TrackedRun:
+    """An existing run, from another process (a Ray Train worker): the store is
+    MLFLOW_TRACKING_URI, which pipeline/cluster.py gives every Ray worker."""
+    uri = os.environ.get(TRACKING_URI_ENV)
+    if not uri:
+        raise RuntimeError(f"{TRACKING_URI_ENV} is not set in this worker (pipeline/cluster.py's runtime env sets it)")
+    return TrackedRun(_WorkerStore(MlflowClient(tracking_uri=uri)), run_id)
+
+
+class _WorkerStore:
+    """What a run opened in a training worker sends its metrics through: straight
+    to the store. A live point the store does not take is dropped with a warning
+    rather than stop training; the checkpoints keep the whole history."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self._client = client
+        self._warned = False
+
+    def send(self, record: dict[str, Any]) -> None:
+        if record["op"] != "metrics":
+            raise ValueError(f"a training worker logs metrics only, not {record['op']!r}")
+        try:
+            self._client.log_batch(record["run"], metrics=[Metric(key=k, value=v, timestamp=t, step=s)
+                                                           for k, v, t, s in record["metrics"]])
+        except _STORE_ERRORS as err:
+            if not self._warned:
+                print(f"warning: live training metrics not sent to MLflow ({err}); training goes on", flush=True)
+                self._warned = True
 
 
 class Tracker:

@@ -37,6 +37,10 @@ class DetectConfig:
                           "localisation, which the paper follows)"})
     images_per_task: int = field(
         default=16, metadata={"help": "images per Ray task; a killed run keeps finished tasks", "min": 1})
+    amp: Literal["off", "bf16", "fp16"] = field(
+        default="off",
+        metadata={"help": "autocast dtype of the detector's passes on a GPU (scores and deltas decoded in "
+                          "float32); ignored on the CPU"})
     max_images: Optional[int] = field(
         default=None, metadata={"help": "detect only the first N images of each split (debugging)", "min": 1})
 

@@ -92,7 +92,12 @@ class TrainSession(Protocol):
         """ion.engine's checkpoint callback: store `state`, say where."""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Log to the stage's MLflow run while training runs (rank 0 only logs)."""
+        """Log to the stage's MLflow run while training runs (rank 0 only logs;
+        steps the run already holds are skipped, so a resumed run may log its
+        whole history)."""
+
+    def report_progress(self, done: int, total: int, images_per_iteration: int = 1) -> None:
+        """`done` of `total` iterations finished: the driver prints progress lines (rank 0 only reports)."""
 
 
 class StageContext(Protocol):
@@ -108,8 +113,9 @@ class StageContext(Protocol):
     def map(self, fn: Callable[[Any], T], items: Sequence[Any], desc: str, gpu: bool = False) -> list[T]:
         """`[fn(item) for item in items]` as Ray tasks, in item order, with progress."""
 
-    def progress(self, iterable: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
-        """`iterable` with progress."""
+    def progress(self, iterable: Iterable[T], desc: str, total: int | None = None,
+                 unit: str = "items") -> Iterable[T]:
+        """`iterable` with progress lines: done/total, `unit`/s, ETA (pipeline/progress.py)."""
 
     def log_model(self, artifacts: dict[str, Path]) -> None:
         """Log the trained detector, made of these files (name -> path: model.json, final.pt,
@@ -120,8 +126,9 @@ class StageContext(Protocol):
         (model/<relative>, e.g. thresholds/best.json), and tag this stage's run with that run's id.
         A no-op when no such run is known."""
 
-    def train_placement(self) -> tuple[bool, bool]:
-        """(train as a distributed job, with GPUs) for runtime.train_workers and the cluster's GPUs."""
+    def train_placement(self, workers: int | None = None) -> tuple[bool, bool]:
+        """(train as a distributed job, with GPUs) for `workers` (default
+        runtime.train_workers) and the cluster's GPUs."""
 
     def graceful_stop(self) -> ContextManager[Callable[[], bool]]:
         """Within the block SIGTERM/SIGINT do not interrupt the stage: the yielded
@@ -131,5 +138,6 @@ class StageContext(Protocol):
 
     def run_trainer(self, worker_fn: Callable[..., Any], worker_config: dict[str, Any],
                     setup: TrainerSetup) -> TrainerOutcome:
-        """Run `worker_fn(session: TrainSession, **worker_config)` on setup.num_workers workers."""
+        """Run `worker_fn(session: TrainSession, **worker_config)` on setup.num_workers workers;
+        the session's log_metrics reaches this stage's MLflow run while it trains."""
 

@@ -48,6 +48,7 @@ class DetectTask:
     score_thresh: float
     two_rounds: bool
     round2: str
+    amp: str  # detect.amp, applied only where the detector runs on a GPU
 
 
 def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResult:
@@ -68,7 +69,7 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
                             proposals=str(inputs["proposals"] / f"mixed_{split_name}.h5"),
                             train_dir=str(inputs["train"]), parts_dirs={s: str(w.directory) for s, w in writers.items()},
                             flip=dcfg.flip, score_thresh=dcfg.score_thresh, two_rounds=dcfg.two_rounds,
-                            round2=dcfg.round2)
+                            round2=dcfg.round2, amp=dcfg.amp)
                  for shard in pending]
         started = time.perf_counter()
         if tasks:
@@ -102,6 +103,7 @@ def detect_shard(task: DetectTask) -> int:
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # one task per core: Ray's tasks are the parallelism
     model, model_cfg = _detector(task.train_dir)
+    amp = task.amp if next(model.parameters()).device.type == "cuda" else "off"
     per_set: dict[str, list] = {s: [] for s in task.parts_dirs}
     with ProposalStore(task.proposals) as store:
         for image_id, path, width, height in task.images:
@@ -109,7 +111,8 @@ def detect_shard(task: DetectTask) -> int:
             boxes, _ = store.get(image_id)
             raw = predict_raw(model, image, boxes, min_size=model_cfg.input.min_size,
                               max_size=model_cfg.input.max_size, flip=task.flip,
-                              score_thresh=task.score_thresh, two_rounds=task.two_rounds, round2=task.round2)
+                              score_thresh=task.score_thresh, two_rounds=task.two_rounds, round2=task.round2,
+                              amp=amp)
             raw[ROUND1] = round_one(raw["plain"])
             for name in per_set:
                 per_set[name].append(as_item(image_id, raw[name]))

@@ -55,6 +55,8 @@ class Predictor:
     selective_search: Optional[dict]
     flip: bool
     two_rounds: bool
+    round2: str  # detect.round2
+    amp: str  # detect.amp, applied only where the detector runs on a GPU
     candidate_thresh: float  # detect.score_thresh: candidates kept before NMS
     thresholds: dict  # nms_iou, vote_iou, score_thresh, max_dets (ion.inference.tuning.apply_thresholds)
 
@@ -96,8 +98,8 @@ def make_predictor(cfg, *, model_dir: Path, rpn_weights: Optional[Path], best: O
     predictor = Predictor(model_dir=str(model_dir), rpn_weights=str(rpn_weights) if uses_rpn else None,
                           rpn=cfg.proposals.rpn if uses_rpn else None, mix=tuple(kept.items()),
                           dedup_iou=cfg.proposals.mix.dedup_iou, selective_search=ss_settings,
-                          flip=cfg.detect.flip, two_rounds=cfg.detect.two_rounds,
-                          candidate_thresh=cfg.detect.score_thresh, thresholds=thresholds_from(best, cfg.tune))
+                          flip=cfg.detect.flip, two_rounds=cfg.detect.two_rounds, round2=cfg.detect.round2,
+                          amp=cfg.detect.amp, candidate_thresh=cfg.detect.score_thresh, thresholds=thresholds_from(best, cfg.tune))
     return predictor, notes
 
 
@@ -139,9 +141,10 @@ def detect_image(p: Predictor, image: np.ndarray, *, seed: int = 0) -> Detection
     scores (D,), labels (D,) in 1..K."""
     detector, model_cfg, rpn, _ = _models(p)
     boxes = proposals_for(p, image, rpn, seed=seed)
+    amp = p.amp if next(detector.parameters()).device.type == "cuda" else "off"
     raw = predict_raw(detector, image, boxes, min_size=model_cfg.input.min_size,
                       max_size=model_cfg.input.max_size, flip=p.flip, score_thresh=p.candidate_thresh,
-                      two_rounds=p.two_rounds)
+                      two_rounds=p.two_rounds, round2=p.round2, amp=amp)
     chosen = raw["flip" if p.flip else "plain"]  # evaluate's final setting
     candidates = Detections(chosen["boxes"], chosen["scores"], chosen["labels"].astype(np.int64))
     return apply_thresholds({0: candidates}, **p.thresholds)[0]

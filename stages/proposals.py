@@ -2,6 +2,7 @@
 for every split, mix them, and report recall (Appendix item 2).
 
     <out>/rpn.pt                          RPN1 + RPN2 heads on one backbone (proposals/rpn/)
+    <out>/rpn_checkpoints/                RPN training checkpoints: a rerun resumes (stages/rpn_training.py)
     <out>/parts/<group>_<split>/          finished shards of per-image work (resume)
     <out>/sources/<source>_<split>.h5     one proposal store per source and split
     <out>/mixed_<split>.h5                the train mix for train, the test mix for minival/test
@@ -29,11 +30,11 @@ from proposals.mcg import load_mcg_proposals, locate_mcg_files
 from proposals.mix import mix_stores
 from proposals.recall import curve_counts, load_ground_truth, plot_recall, store_recall
 from proposals.rpn.generate import generate_proposals_all
-from proposals.rpn.model import VARIANTS, build_rpn, load_rpn, save_rpn
-from proposals.rpn.train import train_rpn
+from proposals.rpn.model import VARIANTS, load_rpn
 from proposals.rpn.config import RpnConfig
 from proposals.selective_search import selective_search_isolated
 from proposals.store import ProposalStore, Shard, ShardedWriter, write_shard, write_store
+from stages.rpn_training import train_rpn_stage
 from stages.worker_cache import cached
 from ion.atomic import write_json_atomic
 
@@ -72,7 +73,8 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
     if "rpn" in groups:
         rpn_path = out / "rpn.pt"
         if not rpn_path.exists():
-            metrics.update(_train_rpn(pcfg.rpn, splits["train"], rpn_path, seed=cfg.seed, ctx=ctx))
+            metrics.update(train_rpn_stage(pcfg.rpn, data_dir=Path(inputs["data"]), path=rpn_path, out=out,
+                                           seed=cfg.seed, ctx=ctx))
         settings["rpn"] = {"weights": str(rpn_path), "cfg": pcfg.rpn}
     if "selective_search" in groups:
         ss = pcfg.selective_search
@@ -114,33 +116,6 @@ def _load_splits(data_dir: Path) -> dict[str, DetectionSplit]:
 
 
 # ----------------------------------------------------------------------------- RPN
-
-
-class _TrainImages:
-    """The train split's images in a seeded order, re-iterable (train_rpn cycles it)."""
-
-    def __init__(self, split: DetectionSplit, seed: int) -> None:
-        self.records = [r for r in split.images if len(r.boxes) and (~r.iscrowd).any()]
-        self.order = np.random.default_rng(seed).permutation(len(self.records))
-
-    def __iter__(self):
-        for i in self.order:
-            record = self.records[i]
-            yield record.load(), record.boxes, record.iscrowd
-
-
-def _train_rpn(rcfg: RpnConfig, train: DetectionSplit, path: Path, *, seed: int, ctx: StageContext) -> dict:
-    torch.manual_seed(seed)
-    model = build_rpn(rcfg)
-    history = train_rpn(model, _TrainImages(train, seed), rcfg, ctx.progress, seed=seed)
-    every = max(1, len(history) // 200)
-    for step in history[::every]:
-        ctx.log_metrics({"rpn_loss": step.loss, "rpn_lr": step.lr,
-                         **{f"rpn_{k.replace('/', '_')}": v for k, v in step.losses.items()}},
-                        step=step.iteration)
-    save_rpn(model, path, rcfg)
-    tail = history[-max(1, len(history) // 10):]
-    return {"rpn_final_loss": float(np.mean([s.loss for s in tail]))}
 
 
 # ----------------------------------------------------------------------------- sources

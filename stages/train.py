@@ -61,9 +61,8 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
     files = CheckpointFiles(out / "checkpoints")
     distributed, use_gpu = ctx.train_placement()
     if distributed:
+        # The workers logged the losses to this stage's MLflow run as they trained.
         result_summary, state = _run_ray(cfg, ctx=ctx, inputs=inputs, out=out, files=files, use_gpu=use_gpu)
-        for record in state["history"]:
-            ctx.log_metrics(_loggable(record), step=int(record["iteration"]))
         mode = f"Ray Train, {workers} worker(s){' on GPUs' if use_gpu else ' on CPUs'}"
     else:
         resume = files.latest()
@@ -72,7 +71,8 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
                 ctx.log_metrics(_loggable(record), step=int(record["iteration"]))
         total = sum(phase.iterations for phase in tcfg.phases)
         start = resume["iteration"] if resume is not None else 0
-        bar = iter(ctx.progress(range(start, total), desc="train", total=total - start))
+        bar = iter(ctx.progress(range(start, total), desc="train", total=total - start,
+                                  unit="iterations"))
         # SIGTERM/SIGINT: finish the current update, checkpoint it, stop (the rerun resumes there).
         with ctx.graceful_stop() as should_stop:
             result = train_detector(cfg, data_dir=Path(inputs["data"]), proposal_files=proposal_files,
@@ -161,6 +161,8 @@ def non_finite_message(detail: str) -> str:
 
 def train_worker(session, *, cfg, data_dir: str, proposal_files: list[str], fallback_resume: str) -> dict:
     """A Ray Train worker (pipeline/train_adapter.py runs it on every worker).
+    Rank 0 logs the losses to the stage's MLflow run as it trains, and reports
+    its progress for the driver to print.
 
     Resumes from Ray Train's latest checkpoint, or from out/checkpoints/last.pt
     when that one is further along (a run that was single-process before)."""
@@ -172,8 +174,15 @@ def train_worker(session, *, cfg, data_dir: str, proposal_files: list[str], fall
         local = load_checkpoint(fallback)
         if resume is None or local["iteration"] > resume["iteration"]:
             resume = local
+    if resume is not None:  # this MLflow run gets the whole curve (the session skips what it holds)
+        for record in resume["history"]:
+            session.log_metrics(_loggable(record), step=int(record["iteration"]))
+    total = sum(phase.iterations for phase in cfg.train.phases)
     result = train_detector(cfg, data_dir=Path(data_dir), proposal_files=[Path(p) for p in proposal_files],
                             resume=resume, save_checkpoint=session.save, device=session.device,
+                            log_metrics=lambda step, record: session.log_metrics(_loggable(record), step=step),
+                            on_iteration=lambda done: session.report_progress(done, total,
+                                                                              cfg.train.images_per_batch),
                             rank=session.rank, world_size=session.world_size)
     return {"iterations": result.iterations, "seconds": result.seconds, "images_per_s": result.images_per_s,
             "started_at": result.start_iteration}

@@ -6,7 +6,6 @@ the same factor as the image (one factor for both axes, as Fast R-CNN does).
 """
 from typing import NamedTuple
 
-import cv2
 import numpy as np
 import torch
 from torch import Tensor
@@ -30,11 +29,15 @@ def resize_image(image: np.ndarray, *, scale: float) -> np.ndarray:
     size = (max(1, round(W * scale)), max(1, round(H * scale)))  # cv2 wants (width, height)
     if size == (W, H):
         return image
+    import cv2  # here, not at the top: the tensor-level detector (bench/gpu.py) runs without OpenCV
+
     return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
 
 
 def resize_masks(masks: np.ndarray, *, height: int, width: int) -> np.ndarray:
     """Instance masks (G, H, W) bool/uint8 -> bool (G, height, width), nearest neighbour."""
+    import cv2  # here, as in resize_image
+
     out = np.zeros((masks.shape[0], height, width), dtype=bool)
     for g, mask in enumerate(masks):
         out[g] = cv2.resize(mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0

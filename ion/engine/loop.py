@@ -9,7 +9,8 @@ One iteration = one minibatch update (Sec. 4.1):
   - `images_per_batch` single-image forward/backward passes; with W workers each
     takes images_per_batch / W of them, so 4 workers need no accumulation;
   - the gradients are summed over the minibatch's images (accumulation, then an
-    all-reduce across workers), clipped at `clip_grad_norm` (80 over 4 images:
+    all-reduce across workers in buckets that start during the backward of each
+    worker's last image: ion/engine/grad_sync.py), clipped at `clip_grad_norm` (80 over 4 images:
     20 per image), then divided by `images_per_batch`: Caffe's order
     (ClipGradients on the summed diff, then Normalize by iter_size);
   - one torch.optim.SGD step; trainable parameters that got no gradient get a
@@ -41,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ion.engine.grad_sync import OverlappedAllReduce
 from ion.engine.checkpoint import CHECKPOINT_FORMAT, CheckpointEvent, capture_rng_state, load_checkpoint, restore_rng_state
 from ion.engine.optim import build_optimizer, set_dropout, set_frozen, set_hyperparameters
 from ion.engine.schedule import (ImageOrder, PhaseSpec, model_seed, phase_lr, sample_rng, seed_model_rng,
@@ -215,12 +217,15 @@ def train(*, model: nn.Module, phases: Sequence[PhaseSpec], num_images: int,
     order = ImageOrder(seed=seed, num_images=num_images)
     feed = _SampleFeed(get_sample, seed=seed, order=order, threads=loader_threads)
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    overlap = OverlappedAllReduce(params) if world_size > 1 else None
     started, start_iteration = time.perf_counter(), pos.iteration
     try:
         while pos.phase_index < len(phases):
             p = pos.phase_index
             phase = phases[p]
             enter_phase(model, optimizer, phase, starting=pos.phase_iteration == 0)
+            if overlap is not None:
+                overlap.set_trainable()  # this phase's frozen set
             while pos.phase_index == p:
                 lr = phase_lr(phase, pos.phase_iteration)
                 set_hyperparameters(optimizer, lr=lr, momentum=phase.momentum, weight_decay=phase.weight_decay,
@@ -231,7 +236,7 @@ def train(*, model: nn.Module, phases: Sequence[PhaseSpec], num_images: int,
                 where = f"iteration {pos.iteration} (phase {p} '{phase.name}', its iteration {pos.phase_iteration}"
                 optimizer.zero_grad(set_to_none=True)
                 losses, failure = {}, None
-                for position in positions:
+                for k, position in enumerate(positions):
                     sample = feed.take(position, p)
                     seed_model_rng(model_seed(seed=seed, position=position), device)
                     total, terms = _forward(model, sample, device=device, autocast_dtype=autocast_dtype)
@@ -240,12 +245,18 @@ def train(*, model: nn.Module, phases: Sequence[PhaseSpec], num_images: int,
                                    f"{position}): {_format_terms(terms)}; stopped before the update; last good "
                                    f"checkpoint: {last_saved}")
                         break
+                    if overlap is not None and k == len(positions) - 1:
+                        # Every worker agrees to go on before the gradient exchange starts
+                        # inside this backward (grad_sync.py), so none is left waiting in it.
+                        _stop_if_any_worker_failed(None, rank=rank, world_size=world_size, device=device)
+                        overlap.arm()
                     if total.requires_grad:  # accumulate: the gradient of the sum over the images
                         (scaler.scale(total) if scaler is not None else total).backward()
                     losses = {k: losses.get(k, 0.0) + v for k, v in terms.items()}
-                _stop_if_any_worker_failed(failure, rank=rank, world_size=world_size, device=device)
+                if overlap is None or failure is not None:
+                    _stop_if_any_worker_failed(failure, rank=rank, world_size=world_size, device=device)
                 grad_norm = _update(optimizer, scaler, params, images_per_batch=images_per_batch,
-                                    clip_grad_norm=clip_grad_norm, world_size=world_size)
+                                    clip_grad_norm=clip_grad_norm, overlap=overlap)
                 if not math.isfinite(grad_norm) and scaler is None:
                     raise NonFiniteLossError(
                         f"non-finite gradient norm ({grad_norm}) at {where}); losses summed over this worker's "
@@ -275,6 +286,8 @@ def train(*, model: nn.Module, phases: Sequence[PhaseSpec], num_images: int,
                     raise Interrupted(f"training stopped after iteration {pos.iteration}; checkpoint: {last_saved}")
     finally:
         feed.close()
+        if overlap is not None:
+            overlap.remove()
     seconds = time.perf_counter() - started
     images = (pos.iteration - start_iteration) * images_per_batch
     return TrainResult(iterations=pos.iteration, start_iteration=start_iteration, history=history, seconds=seconds,
@@ -335,18 +348,18 @@ def _forward(model: nn.Module, sample: TrainSample, *, device: torch.device,
 
 
 def _update(optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler], params: Sequence[Tensor], *,
-            images_per_batch: int, clip_grad_norm: Optional[float], world_size: int) -> float:
-    """Sum across workers, clip the summed gradient, average, step. Returns the
-    L2 norm of the gradient summed over the minibatch's images, before clipping."""
+            images_per_batch: int, clip_grad_norm: Optional[float],
+            overlap: Optional[OverlappedAllReduce]) -> float:
+    """Sum across workers (the buckets `overlap` sent during the last backward,
+    and the rest), clip the summed gradient, average, step. Returns the L2 norm
+    of the gradient summed over the minibatch's images, before clipping."""
     trainable = [p for p in params if p.requires_grad]
     for p in trainable:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+    if overlap is not None:
+        overlap.finish()
     grads = [p.grad for p in trainable]
-    if world_size > 1:
-        handles = [dist.all_reduce(g, op=dist.ReduceOp.SUM, async_op=True) for g in grads]
-        for handle in handles:
-            handle.wait()
     if scaler is not None:
         scaler.unscale_(optimizer)
     norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())

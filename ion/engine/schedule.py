@@ -11,6 +11,7 @@ or on where a run was interrupted.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import numpy as np
@@ -37,6 +38,24 @@ class PhaseSpec(Protocol):
     reset_momentum: bool
     init_from: Optional[str]
     init_optimizer: bool
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A phase built in code rather than read from a config (the RPN's schedule):
+    PhaseSpec's fields, with SGD's usual momentum and weight decay."""
+
+    name: str
+    iterations: int
+    lr_start: float
+    lr_end: float
+    frozen: tuple[str, ...] = ()
+    momentum: float = 0.9
+    weight_decay: float = 0.0005
+    dropout: bool = False
+    reset_momentum: bool = False
+    init_from: Optional[str] = None
+    init_optimizer: bool = False
 
 
 def phase_lr(phase: PhaseSpec, i: int) -> float:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ion.engine.loop import AUTOCAST_DTYPES
 from ion.ops.box_ops import clip_boxes_xyxy, decode_boxes, flip_boxes_xyxy, flip_deltas
 from ion.modeling.detector import FeatureMaps, IONDetector
 from ion.data.transforms import normalize_image, resize_image, resize_scale
@@ -50,13 +51,15 @@ Round2 = Literal["top_class", "all_classes"]
 
 def predict_raw(model: IONDetector, image: np.ndarray, proposals: np.ndarray, *, min_size: int, max_size: int,
                 flip: bool, score_thresh: float = SCORE_THRESH, two_rounds: bool = True,
-                round2: Round2 = "top_class", amp: bool = False) -> dict[str, dict[str, np.ndarray]]:
+                round2: Round2 = "top_class", amp: str = "off") -> dict[str, dict[str, np.ndarray]]:
     """Raw candidates of one image (see the module docstring).
 
     image: uint8 (H, W, 3) RGB; proposals: float32 (P, 4) `[x1, y1, x2, y2]`
     in original-image coordinates; two_rounds: False stops after round 1;
     round2: which round-1 boxes round 2 re-scores (module docstring);
-    amp: float16 autocast (CUDA only).
+    amp: "off", or the autocast dtype ("bf16", "fp16") of the network's passes
+    on the model's device; scores and deltas are cast to float32 before boxes
+    are decoded, merged and clipped.
 
     Returns {"plain": set} and, with flip=True, also {"flip": set}; each set is
     boxes float32 (M, 4) original-image coordinates, scores float32 (M,),
@@ -82,7 +85,9 @@ def predict_raw(model: IONDetector, image: np.ndarray, proposals: np.ndarray, *,
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), torch.autocast(param.device.type, enabled=amp and param.device.type == "cuda"):
+        dtype = AUTOCAST_DTYPES[amp]
+        with torch.inference_mode(), torch.autocast(param.device.type, dtype=dtype or torch.float32,
+                                                    enabled=dtype is not None):
             maps = model.feature_maps(x)
 
             def plain(r: Tensor) -> Scored:
@@ -107,7 +112,7 @@ def predict_raw(model: IONDetector, image: np.ndarray, proposals: np.ndarray, *,
 def _score(model: IONDetector, maps: FeatureMaps, rois: Tensor) -> Scored:
     """Softmax scores Tensor[R, K+1] and deltas Tensor[R, K, 4], in chunks of ROIs."""
     outs = [model.score_rois(maps, rois[i:i + ROI_CHUNK]) for i in range(0, rois.shape[0], ROI_CHUNK)]
-    # Back to the ROIs' dtype (float32 under AMP's float16).
+    # Back to the ROIs' dtype: float32 under autocast's bf16/fp16.
     logits = torch.cat([o[0] for o in outs]).to(rois.dtype)  # (R, K+1)
     deltas = torch.cat([o[1] for o in outs]).to(rois.dtype)  # (R, K, 4)
     return logits.softmax(dim=1), deltas

@@ -61,8 +61,10 @@ def roi_pool_map(feat: Tensor, boxes: Tensor, *, op: RoiOp, output_size: int, st
     if feat.device.type == "cpu":
         # The same op as a sparse product (ion/ops/roi_align.py): on the CPU its backward
         # is 3-5x and its forward 2-4.6x faster than torchvision's kernels (bench/roi_align.py).
-        return roi_align_sparse(feat, boxes, output_size=output_size, spatial_scale=scale,
-                                sampling_ratio=ROI_ALIGN_SAMPLING)
+        # CPU autocast would turn the sparse product to bfloat16, which has no CPU kernel.
+        with torch.autocast("cpu", enabled=False):
+            return roi_align_sparse(feat, boxes, output_size=output_size, spatial_scale=scale,
+                                    sampling_ratio=ROI_ALIGN_SAMPLING)
     # aligned=True: in continuous coordinates cell i of a stride-s map is
     # centred at image coordinate (i + 0.5) * s.
     return torchvision.ops.roi_align(feat, [boxes], output_size=output_size, spatial_scale=scale,

@@ -7,7 +7,7 @@ Defaults are the paper's COCO recipe on full-size images (VGG16, shorter side
 network with `backbone_width` / `head_width`.
 """
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,25 @@ class RpnConfig:
                   "min": 0.0, "max": 1.0},
     )
 
+    # Training runs on ion/engine/ (resumable; Ray Train with several workers or GPUs).
+    checkpoint_every: int = field(
+        default=1000,
+        metadata={"help": "RPN training checkpoint (weights, momentum, RNG, data cursor) every N iterations; "
+                          "a rerun resumes from it", "min": 1},
+    )
+    log_every: int = field(
+        default=20, metadata={"help": "log RPN losses, lr and images/s every N iterations", "min": 1}
+    )
+    max_failures: int = field(
+        default=2, metadata={"help": "Ray Train: restarts of a failed RPN worker group", "min": 0}
+    )
+
     # Generation.
+    amp: Literal["off", "bf16", "fp16"] = field(
+        default="off",
+        metadata={"help": "autocast dtype of the RPN's forward pass in proposal generation on a GPU "
+                          "(outputs decoded in float32); ignored on the CPU"},
+    )
     pre_nms_top_n: int = field(
         default=6000, metadata={"help": "highest-scoring anchors decoded before NMS", "min": 1}
     )

@@ -1,9 +1,12 @@
 """Proposals from a trained RPN: top anchors by objectness, decoded, clipped, NMS."""
+from typing import Optional
+
 import numpy as np
 import torch
 import torchvision
 from torch import Tensor
 
+from ion.engine.loop import AUTOCAST_DTYPES
 from ion.ops.box_ops import clip_boxes_xyxy, decode_boxes, remove_small
 from proposals.rpn.config import RpnConfig
 from proposals.rpn.model import (RPN_BOX_WEIGHTS, VARIANTS, RegionProposalNetwork, Variant, flatten_head_outputs,
@@ -12,23 +15,31 @@ from proposals.rpn.model import (RPN_BOX_WEIGHTS, VARIANTS, RegionProposalNetwor
 
 @torch.no_grad()
 def generate_proposals_all(model: RegionProposalNetwork, image: np.ndarray, cfg: RpnConfig,
-                           variants: tuple[Variant, ...] = VARIANTS
+                           variants: tuple[Variant, ...] = VARIANTS, amp: Optional[str] = None
                            ) -> dict[Variant, tuple[np.ndarray, np.ndarray]]:
     """Proposals of several variants from one backbone pass over `image`
     uint8 (H, W, 3): {variant: (boxes float32 (P, 4) xyxy in original-image
-    pixels, scores float32 (P,) objectness probabilities, best first)}."""
+    pixels, scores float32 (P,) objectness probabilities, best first)}.
+
+    amp: the autocast dtype of the network's pass ("off", "bf16", "fp16");
+    None: cfg.amp on a GPU, off on the CPU. The head outputs are cast to
+    float32 before anchors are ranked, decoded and suppressed."""
     was_training = model.training
     model.eval()
+    device = model.anchors.device
+    if amp is None:
+        amp = cfg.amp if device.type == "cuda" else "off"
+    dtype = AUTOCAST_DTYPES[amp]
     H, W = image.shape[:2]
-    x = prepare_image(image, min_size=cfg.min_size, max_size=cfg.max_size, flip=False,
-                      device=model.anchors.device)
+    x = prepare_image(image, min_size=cfg.min_size, max_size=cfg.max_size, flip=False, device=device)
     Hr, Wr = x.shape[-2:]
-    outputs = model(x, variants)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        outputs = model(x, variants)
     anchors = image_anchors(model, outputs[variants[0]][0])
     to_original = x.new_tensor([W / Wr, H / Hr, W / Wr, H / Hr])
     result = {}
     for variant, (objectness, deltas) in outputs.items():
-        logits, d = flatten_head_outputs(objectness, deltas)
+        logits, d = flatten_head_outputs(objectness.float(), deltas.float())
         boxes, scores = select_proposals(logits=logits[0], deltas=d[0], anchors=anchors,
                                          to_original=to_original, height=H, width=W, cfg=cfg)
         result[variant] = (boxes.cpu().numpy().astype(np.float32), scores.cpu().numpy().astype(np.float32))

@@ -1,14 +1,14 @@
 """The RPN's training targets and losses (Faster R-CNN, Ren et al. Sec. 3.1.2-3.1.3):
 anchor labels, anchor sampling, and one image's loss terms for both heads."""
-import numpy as np
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ion.ops.box_ops import box_ioa, box_iou, encode_boxes, flip_boxes_xyxy
+from ion.ops.box_ops import box_ioa, box_iou, encode_boxes
 from proposals.rpn.config import RpnConfig
-from proposals.rpn.model import (RPN_BOX_WEIGHTS, RegionProposalNetwork, flatten_head_outputs, image_anchors,
-                                 prepare_image)
+from proposals.rpn.model import RPN_BOX_WEIGHTS
 
 # Anchor labels (named sentinels, as torchvision's Matcher).
 POSITIVE = 1
@@ -17,10 +17,6 @@ IGNORE = -1
 
 # torchvision's RPN smooth-L1 transition point.
 SMOOTH_L1_BETA = 1.0 / 9.0
-
-# One training sample: image uint8 (H, W, 3) RGB, ground-truth boxes float32
-# (G, 4) xyxy in image pixels, iscrowd bool (G,).
-TrainSample = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def label_anchors(*, anchors: Tensor, gt_boxes: Tensor, gt_iscrowd: Tensor, pos_iou: float,
@@ -65,9 +61,12 @@ def label_anchors(*, anchors: Tensor, gt_boxes: Tensor, gt_iscrowd: Tensor, pos_
 
 
 def sample_anchors(labels: Tensor, *, num: int, positive_fraction: float,
-                   generator: torch.Generator) -> tuple[Tensor, Tensor]:
+                   generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
     """Random anchors for the loss: at most num * positive_fraction positives,
     negatives filling the rest of `num` (Ren et al. Sec. 3.1.3: 256, half).
+    Drawn on the CPU from `generator`, or torch's global one when None (in
+    training: seeded by ion/engine/ per image position, so the draw depends
+    only on the seed and the position).
     labels int64 Tensor[M] -> (positive indices Tensor[p], negative indices Tensor[n])."""
     positive = torch.nonzero(labels == POSITIVE).flatten().cpu()
     negative = torch.nonzero(labels == NEGATIVE).flatten().cpu()
@@ -79,7 +78,8 @@ def sample_anchors(labels: Tensor, *, num: int, positive_fraction: float,
 
 
 def rpn_losses(*, logits: Tensor, deltas: Tensor, anchors: Tensor, gt_boxes: Tensor,
-               gt_iscrowd: Tensor, cfg: RpnConfig, generator: torch.Generator) -> dict[str, Tensor]:
+               gt_iscrowd: Tensor, cfg: RpnConfig,
+               generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
     """One image's losses: binary cross-entropy on the sampled anchors'
     objectness, smooth L1 on the positive ones' deltas, both divided by the
     number of sampled anchors (torchvision's normalisation).
@@ -101,27 +101,3 @@ def rpn_losses(*, logits: Tensor, deltas: Tensor, anchors: Tensor, gt_boxes: Ten
     else:
         box = deltas.sum() * 0.0
     return {"objectness": objectness, "deltas": box}
-
-
-def image_losses(model: RegionProposalNetwork, sample: TrainSample, cfg: RpnConfig, *,
-                 flip: bool, generator: torch.Generator) -> dict[str, Tensor]:
-    """Both heads' losses on one (optionally mirrored) image, keys "<variant>/<term>"."""
-    image, boxes, iscrowd = sample
-    device = model.anchors.device
-    x = prepare_image(image, min_size=cfg.min_size, max_size=cfg.max_size, flip=flip, device=device)
-    H, W = image.shape[:2]
-    Hr, Wr = x.shape[-2:]
-    gt = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), device=device)  # (G, 4)
-    if flip:
-        gt = flip_boxes_xyxy(gt, width=float(W))
-    gt = gt * gt.new_tensor([Wr / W, Hr / H, Wr / W, Hr / H])
-    crowd = torch.as_tensor(np.asarray(iscrowd, dtype=bool).reshape(-1), device=device)  # (G,)
-    outputs = model(x)
-    anchors = image_anchors(model, outputs["rpn1"][0])
-    losses: dict[str, Tensor] = {}
-    for variant, (objectness, deltas) in outputs.items():
-        logits, d = flatten_head_outputs(objectness, deltas)
-        terms = rpn_losses(logits=logits[0], deltas=d[0], anchors=anchors, gt_boxes=gt,
-                           gt_iscrowd=crowd, cfg=cfg, generator=generator)
-        losses.update({f"{variant}/{k}": v for k, v in terms.items()})
-    return losses

@@ -181,3 +181,20 @@ def test_round_two_all_classes_rescores_every_class_box():
     top = predict_raw(model, image, proposals, min_size=64, max_size=200, flip=False, score_thresh=thresh)["plain"]
     first = raw["round"] == 1
     assert np.array_equal(raw["boxes"][first], top["boxes"][top["round"] == 1])
+
+
+def test_bf16_autocast_runs_on_the_cpu_and_decodes_in_float32():
+    """detect.amp's path, here on the CPU (the GPU is where it is used): the
+    network runs under bf16 autocast, the candidates come out float32 with the
+    same layout as fp32's. Agreement of the final detections is not asserted:
+    with untrained weights the top-100 scores lie within 0.01 of one another,
+    where bf16's rounding reorders them."""
+    model = small_model().float()
+    image, proposals = scene(64, 96)
+    raw = predict_raw(model, image, proposals, min_size=64, max_size=96, flip=True, score_thresh=0.0, amp="bf16")
+    reference = predict_raw(model, image, proposals, min_size=64, max_size=96, flip=True, score_thresh=0.0)
+    for name in ("plain", "flip"):
+        got, want = raw[name], reference[name]
+        assert got["boxes"].dtype == np.float32 and got["scores"].dtype == np.float32
+        assert got["boxes"].shape == want["boxes"].shape  # score_thresh 0: every (proposal, class) pair
+        assert np.isfinite(got["boxes"]).all() and np.isfinite(got["scores"]).all()

@@ -14,7 +14,9 @@ from proposals.anchors import grid_anchors
 from proposals.rpn.generate import generate_proposals, generate_proposals_all
 from proposals.rpn.losses import IGNORE, NEGATIVE, POSITIVE, label_anchors, rpn_losses, sample_anchors
 from proposals.rpn.model import RPN_BOX_WEIGHTS, build_rpn, flatten_head_outputs, load_rpn, rpn_input_size, save_rpn
-from proposals.rpn.train import train_rpn
+from ion.engine.checkpoint import CheckpointFiles
+from ion.engine.loop import NonFiniteLossError
+from proposals.rpn.train import rpn_phases, rpn_state_dict, train_rpn
 from proposals.rpn.config import RpnConfig
 
 # A CPU-sized RPN: VGG16 at 1/8 width with batch norm (trained from scratch),
@@ -253,29 +255,70 @@ def test_non_finite_loss_stops_training_naming_the_iteration():
     model = tiny_rpn()
     with torch.no_grad():
         model.heads["rpn2"].objectness.bias.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match=r"iteration 0: .*'rpn2/objectness': nan"):
+    with pytest.raises(NonFiniteLossError, match=r"iteration 0 .*loss_rpn2/objectness=nan"):
         train_rpn(model, rectangles(2, seed=5), replace(TINY, iterations=3), seed=0)
 
 
+def test_schedule_is_two_engine_phases_with_the_10x_step():
+    phases = rpn_phases(replace(TINY, iterations=10, lr=0.03, lr_step=0.75))
+    assert [(p.name, p.iterations, p.lr_start, p.lr_end) for p in phases] == [
+        ("rpn", 8, 0.03, 0.03), ("rpn_step", 2, pytest.approx(0.003), pytest.approx(0.003))]
+    assert [p.name for p in rpn_phases(replace(TINY, iterations=10, lr_step=1.0))] == ["rpn"]
+    assert [p.name for p in rpn_phases(replace(TINY, iterations=10, lr_step=0.0))] == ["rpn_step"]
+
+
 def test_short_training_raises_recall_well_above_untrained():
-    cfg = replace(TINY, iterations=250, lr=0.03)
+    cfg = replace(TINY, iterations=250, lr=0.03, log_every=10)
     train, held_out = rectangles(64, seed=1), rectangles(20, seed=2)
     model = tiny_rpn(cfg)
     before = {v: recall_at(model, held_out, cfg, v, top=50, iou=0.5) for v in ("rpn1", "rpn2")}
     seen = []
-    history = train_rpn(model, train, cfg, progress=lambda it, desc: seen.append(desc) or it, seed=0)
-    assert seen == ["train rpn"]
-    assert len(history) == 250
-    assert history[0].lr == 0.03 and history[-1].lr == pytest.approx(0.003)  # 10x step at 75%
-    assert set(history[0].losses) == {"rpn1/objectness", "rpn1/deltas", "rpn2/objectness", "rpn2/deltas"}
-    first = np.mean([h.loss for h in history[:20]])
-    last = np.mean([h.loss for h in history[-20:]])
+    result = train_rpn(model, train, cfg, seed=0, on_iteration=seen.append)
+    assert seen == list(range(1, 251)) and result.iterations == 250
+    history = result.history
+    assert history[0]["lr"] == 0.03 and history[-1]["lr"] == pytest.approx(0.003)  # 10x step at 75%
+    assert {k for k in history[0] if k.startswith("loss_")} == {
+        "loss_rpn1/objectness", "loss_rpn1/deltas", "loss_rpn2/objectness", "loss_rpn2/deltas"}
+    first = np.mean([h["loss"] for h in history[:2]])
+    last = np.mean([h["loss"] for h in history[-2:]])
     assert last < 0.25 * first
     after = {v: recall_at(model, held_out, cfg, v, top=50, iou=0.5) for v in ("rpn1", "rpn2")}
     print(f"recall@50 IoU 0.5 before {before} after {after}")
     for variant in ("rpn1", "rpn2"):
         assert after[variant] >= 0.75, (before, after)
         assert after[variant] >= before[variant] + 0.3, (before, after)
+
+
+def test_resumed_training_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path):
+    cfg = replace(TINY, iterations=6, lr_step=0.5, images_per_batch=2, checkpoint_every=2)
+    images = rectangles(5, seed=3)
+    whole = tiny_rpn(cfg)
+    train_rpn(whole, images, cfg, seed=4)
+    # The first 2 updates, then a fresh process's view: a new model resumed from last.pt.
+    files = CheckpointFiles(tmp_path)
+    first = tiny_rpn(cfg)
+    with pytest.raises(_Stopped):
+        train_rpn(first, images, cfg, seed=4, save_checkpoint=_stop_after(files, iteration=2))
+    resumed = tiny_rpn(cfg, seed=9)  # other initial weights: the checkpoint replaces them
+    result = train_rpn(resumed, images, cfg, seed=4, resume=files.latest(), save_checkpoint=files)
+    assert result.start_iteration == 2
+    for key, value in whole.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    assert all(torch.equal(rpn_state_dict(files.latest())[k], v) for k, v in whole.state_dict().items())
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stop_after(files, *, iteration):
+    """A checkpoint callback that saves, then stops the run (a kill right after a checkpoint)."""
+    def save(state, event):
+        where = files(state, event)
+        if event.iteration == iteration:
+            raise _Stopped(where)
+        return where
+    return save
 
 
 # ------------------------------------------------------------------ config

@@ -64,7 +64,7 @@ class FakeContext:
         self.maps.append((fn, items))
         return [fn(item) for item in items]
 
-    def progress(self, iterable, desc, total=None):
+    def progress(self, iterable, desc, total=None, unit="items"):
         return iterable
 
     def log_model(self, artifacts):
@@ -73,7 +73,7 @@ class FakeContext:
     def link_to_model(self, path, relative):
         pass
 
-    def train_placement(self):
+    def train_placement(self, workers=None):
         return False, False  # one CPU process, as RunContext for train_workers 1 on the CPU
 
 

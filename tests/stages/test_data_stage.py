@@ -35,7 +35,7 @@ class FakeContext:
         self.mapped.append(desc)
         return [fn(item) for item in items]
 
-    def progress(self, iterable, desc, total=None):
+    def progress(self, iterable, desc, total=None, unit="items"):
         return iterable
 
 

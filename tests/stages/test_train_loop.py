@@ -608,13 +608,13 @@ class StageContext:
     def log_metrics(self, metrics, step=None):
         self.logged.append((step, metrics))
 
-    def progress(self, iterable, desc, total=None):
+    def progress(self, iterable, desc, total=None, unit="items"):
         return iterable
 
     def log_model(self, artifacts):
         self.models = dict(artifacts)
 
-    def train_placement(self):
+    def train_placement(self, workers=None):
         return False, False  # one CPU process, as RunContext for train_workers 1 on the CPU
 
     def graceful_stop(self):
