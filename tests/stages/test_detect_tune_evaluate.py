@@ -344,7 +344,10 @@ def test_tune_in_a_fresh_workdir_names_what_to_run(tmp_path):
     assert "Traceback" not in done.stderr
     command = f"python -m pipeline run --config {config} --workdir {workdir}"
     assert f"run {command} --stages data,proposals,train,detect,tune (or --stages all)" in done.stderr
-    assert not workdir.exists()  # nothing ran, no MLflow store was created
+    # Nothing ran and no MLflow store was created; only the run's log, which holds the error too.
+    assert [p.name for p in workdir.iterdir()] == ["logs"]
+    (log,) = (workdir / "logs").iterdir()
+    assert "error: stage 'tune' needs the output of " in log.read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize(("stage", "missing", "present"), [

@@ -9,7 +9,7 @@ from stages.predict_images import make_predictor
 
 
 def test_mcg_in_the_test_mix_is_left_out_and_said(tmp_path):
-    cfg = load_config("coco_ion", workdir=tmp_path)  # test mix: 1000 RPN2 + 2000 MCG
+    cfg = load_config("coco_ion_competition", workdir=tmp_path)  # test mix: 1000 RPN2 + 2000 MCG
     rpn = tmp_path / "rpn.pt"
     rpn.write_bytes(b"weights")
     predictor, notes = make_predictor(cfg, model_dir=tmp_path, rpn_weights=rpn, best=None)
