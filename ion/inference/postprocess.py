@@ -8,8 +8,9 @@ image in every trial, on the same cached candidates, so the cost per call is
 what matters: numpy on the CPU (a numpy op costs a few microseconds, a torch op
 several times that), torchvision's C++ kernel for the greedy NMS scan, no
 Python loop over boxes, and a loop over classes only for the few that hold
-enough (kept, candidate) pairs to vote as a matrix (weighted_vote). Torch tensors are accepted too (moved to
-the CPU and back), so the detector's own code can call it.
+enough (kept, candidate) pairs to vote as a matrix (weighted_vote). Torch
+tensors are accepted too (moved to the CPU and back), so the detector's own
+code can call it.
 """
 from __future__ import annotations
 
