@@ -36,9 +36,18 @@ def first_unique(boxes: np.ndarray) -> np.ndarray:
     boxes: float32 (N, 4)."""
     if len(boxes) == 0:
         return np.zeros(0, dtype=np.int64)
-    # + 0.0 turns -0.0 into 0.0, so a box clipped at the border equals its unclipped twin.
-    _, first = np.unique(boxes + np.float32(0.0), axis=0, return_index=True)
-    return np.sort(first)
+    # + 0.0 turns -0.0 into 0.0, so a box clipped at the border equals its unclipped twin;
+    # after that, finite float32 rows are equal exactly when their bytes are. Each row's
+    # 16 bytes as two uint64 keys: a stable lexsort groups equal rows with their first
+    # occurrence leading, the same answer as np.unique(axis=0, return_index=True) at
+    # a fraction of its cost (it sorts a structured copy of the rows).
+    rows = np.ascontiguousarray(boxes + np.float32(0.0), dtype=np.float32).view(np.uint64)  # (N, 2)
+    order = np.lexsort((rows[:, 1], rows[:, 0]))  # (N,) stable: equal rows keep index order
+    ranked = rows[order]
+    starts = np.empty(len(ranked), dtype=bool)
+    starts[0] = True
+    np.any(ranked[1:] != ranked[:-1], axis=1, out=starts[1:])
+    return np.sort(order[starts]).astype(np.int64)
 
 
 def first_non_overlapping(boxes: np.ndarray, iou: float) -> np.ndarray:

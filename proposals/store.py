@@ -19,6 +19,7 @@ generation) saves finished images in small atomic shard files through
 """
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Optional, Sequence, Union
@@ -478,3 +479,20 @@ class ShardedWriter:
 def assemble(writer: ShardedWriter, path: Union[str, Path], attrs: dict) -> Path:
     """Write the store at `path` from a writer whose shards are all done."""
     return write_store(path, writer.iter_items(), attrs)
+
+
+def remove_parts(directories: Iterable[Union[str, Path]]) -> None:
+    """Delete the shard folders of finished work, and their parent when it is left
+    empty. Call only after the stores built from them are written (atomically):
+    a store's existence is what marks the work done, so a kill part-way through
+    the deletion leaves nothing a rerun would read."""
+    parents = set()
+    for directory in directories:
+        directory = Path(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+        parents.add(directory.parent)
+    for parent in parents:
+        try:
+            parent.rmdir()
+        except OSError:  # other groups' shards are still there, or it is gone already
+            pass

@@ -154,7 +154,8 @@ def _run_coco(*, coco: CocoConfig, out: Path, ctx: StageContext) -> StageResult:
         minival_size=coco.minival_size, minival_ids_file=_path(coco.minival_ids_file), val_rest=coco.val_rest,
         test_annotations=_path(coco.test_annotations), test_image_info=_path(coco.test_image_info),
         test_images=_path(coco.test_images), on_bad=coco.on_bad_annotation, box_tolerance=coco.box_tolerance,
-        check_image_files=coco.check_image_files, report=report)
+        check_image_files=coco.check_image_files, report=report,
+        map_fn=lambda fn, items: ctx.map(fn, items, desc="image headers"))
     return _write_splits(splits, out, source="coco", metrics=report.metrics(), notes=report.lines())
 
 

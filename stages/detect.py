@@ -2,7 +2,8 @@
 the test proposal mix, keeping every candidate any NMS / voting threshold could
 use (score >= detect.score_thresh), so tune and evaluate never run the network.
 
-    <out>/parts/<set>_<split>/       finished shards of images (a killed run resumes)
+    <out>/parts/<set>_<split>/       finished shards of images (a killed run resumes; deleted
+                                     once the split's stores below are written)
     <out>/raw_<split>_plain.h5       candidates of the unflipped image (stages/raw_detections.py)
     <out>/raw_<split>_round1.h5      the unflipped round-1 candidates alone (evaluate's baseline:
                                      one round of box regression, Appendix item 5)
@@ -23,7 +24,7 @@ from ion.data.images import load_image
 from ion.data.split import DetectionSplit
 from ion.inference.predict import predict_raw
 from stages.contract import StageContext, StageResult
-from proposals.store import ProposalStore, Shard, ShardedWriter, write_shard
+from proposals.store import ProposalStore, Shard, ShardedWriter, remove_parts, write_shard
 from stages.raw_detections import ROUND1, as_item, round_one, write_raw
 from stages.train import load_trained_detector
 from stages.worker_cache import cached
@@ -56,32 +57,40 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
     sets = ("plain", ROUND1, "flip") if dcfg.flip else ("plain", ROUND1)
     metrics, summary = {}, []
     for split_name in dcfg.splits:
-        split = DetectionSplit.load(inputs["data"], split_name)
+        split = DetectionSplit.load(inputs["data"], split_name, with_annotations=False)
         records = split.images[: dcfg.max_images] if dcfg.max_images else split.images
         ids = [r.image_id for r in records]
-        writers = {s: ShardedWriter(out / "parts" / f"{s}_{split_name}", ids, images_per_shard=dcfg.images_per_task)
-                   for s in sets}
-        by_id = {r.image_id: r for r in records}
-        pending = [shard for shard in writers["plain"].shards if any(not w.is_done(shard) for w in writers.values())]
-        tasks = [DetectTask(split=split_name, shard=shard,
-                            images=tuple((i, str(by_id[i].path), by_id[i].width, by_id[i].height)
-                                         for i in shard.image_ids),
-                            proposals=str(inputs["proposals"] / f"mixed_{split_name}.h5"),
-                            train_dir=str(inputs["train"]), parts_dirs={s: str(w.directory) for s, w in writers.items()},
-                            flip=dcfg.flip, score_thresh=dcfg.score_thresh, two_rounds=dcfg.two_rounds,
-                            round2=dcfg.round2, amp=dcfg.amp)
-                 for shard in pending]
-        started = time.perf_counter()
-        if tasks:
-            ctx.map(detect_shard, tasks, desc=f"detect {split_name}", gpu=True)
-        seconds = time.perf_counter() - started
-        candidates = 0
-        for name, writer in writers.items():
-            path = out / f"raw_{split_name}_{name}.h5"
-            items = list(writer.iter_items())
-            candidates += sum(len(item[1]) for item in items) if name == "plain" else 0
-            write_raw(path, items, categories=split.categories,
-                      attrs={"split": split_name, "set": name, "score_thresh": dcfg.score_thresh})
+        paths = {s: out / f"raw_{split_name}_{s}.h5" for s in sets}
+        missing = [s for s in sets if not paths[s].exists()]  # a written store means its set is done
+        tasks, seconds = [], 0.0
+        if missing:
+            writers = {s: ShardedWriter(out / "parts" / f"{s}_{split_name}", ids,
+                                        images_per_shard=dcfg.images_per_task) for s in sets}
+            by_id = {r.image_id: r for r in records}
+            # A task writes every set's shard; it is needed while a set without a store lacks it.
+            pending = [shard for shard in writers["plain"].shards
+                       if any(not writers[s].is_done(shard) for s in missing)]
+            tasks = [DetectTask(split=split_name, shard=shard,
+                                images=tuple((i, str(by_id[i].path), by_id[i].width, by_id[i].height)
+                                             for i in shard.image_ids),
+                                proposals=str(inputs["proposals"] / f"mixed_{split_name}.h5"),
+                                train_dir=str(inputs["train"]),
+                                parts_dirs={s: str(w.directory) for s, w in writers.items()},
+                                flip=dcfg.flip, score_thresh=dcfg.score_thresh, two_rounds=dcfg.two_rounds,
+                                round2=dcfg.round2, amp=dcfg.amp)
+                     for shard in pending]
+            if tasks:
+                started = time.perf_counter()
+                ctx.map(detect_shard, tasks, desc=f"detect {split_name}", gpu=True)
+                seconds = time.perf_counter() - started
+            for name in missing:
+                # Shards stream from disk into the store: a split's candidates never sit in memory.
+                write_raw(paths[name], writers[name].iter_items(), categories=split.categories,
+                          attrs={"split": split_name, "set": name, "score_thresh": dcfg.score_thresh})
+            # Only once every set's store is written: the shards duplicate them.
+            remove_parts([w.directory for w in writers.values()])
+        with ProposalStore(paths["plain"]) as store:
+            candidates = int(store.attrs["num_boxes"])
         computed = sum(len(t.images) for t in tasks)
         if computed:
             metrics[f"{split_name}_images_per_s"] = computed / seconds

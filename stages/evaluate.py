@@ -37,7 +37,7 @@ from ion.evaluation.metrics import IOU_THRESHOLDS, MAX_DETS, CocoMetrics
 from ion.evaluation.results import to_coco_results, validate_results, write_results, write_submission_zip
 from ion.inference.tuning import apply_thresholds
 from stages.contract import StageContext, StageResult
-from stages.raw_detections import ROUND1, read_raw
+from stages.raw_detections import ROUND1, iter_raw
 from ion.atomic import write_json_atomic
 
 NAME = "evaluate"
@@ -50,10 +50,11 @@ HEADLINE = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResult:
     ecfg = cfg.evaluate
-    split = DetectionSplit.load(inputs["data"], ecfg.split)
+    # Evaluation reads the annotation file through pycocotools; the records need paths alone.
+    split = DetectionSplit.load(inputs["data"], ecfg.split, with_annotations=False)
     best = json.loads((inputs["tune"] / "best.json").read_text(encoding="utf-8"))
-    candidates = {name: read_raw(path) for name, path in _candidate_files(inputs["detect"], ecfg.split).items()}
-    flip_set = "flip" if "flip" in candidates else "plain"
+    files = _candidate_files(inputs["detect"], ecfg.split)
+    flip_set = "flip" if "flip" in files else "plain"
     tuned = dict(nms_iou=best["nms_iou"], score_thresh=best["score_thresh"], max_dets=best["max_dets"])
     settings = {
         "final": (flip_set, {**tuned, "vote_iou": best["vote_iou"]}),
@@ -61,7 +62,9 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
         "no_voting": (flip_set, {**tuned, "vote_iou": None}),
         "baseline": (ROUND1, {"nms_iou": best["baseline"]["nms_iou"], "vote_iou": None}),
     }
-    detections = {name: apply_thresholds(candidates[which], **params) for name, (which, params) in settings.items()}
+    # Without annotations only the final setting's results are written: the others are not computed.
+    computed = list(settings) if split.has_annotations else ["final"]
+    detections = _post_process(files, {name: settings[name] for name in computed})
     results = to_coco_results(detections["final"], split.categories)
     validate_results(results, split.annotation_file, source=f"results_{ecfg.split}.json")
     write_results(out / f"results_{ecfg.split}.json", results)
@@ -110,6 +113,18 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
     lines.append("contributions (AP): " + ", ".join(
         f"{name} {scored[name].stats['AP']:.4f}" for name in ("baseline", "no_flip", "no_voting", "final")))
     return StageResult(metrics=metrics, summary=lines)
+
+
+def _post_process(files: dict[str, Path], settings: dict[str, tuple[str, dict]]) -> dict[str, dict]:
+    """setting -> image id -> Detections: each setting's thresholds applied to its
+    candidate set, image by image as the raw stores stream past (only the
+    kept detections, at most max_dets per image, are held)."""
+    needed = {which for which, _ in settings.values()}
+    detections: dict[str, dict] = {name: {} for name in settings}
+    for image_id, per_set in iter_raw({which: files[which] for which in files if which in needed}):
+        for name, (which, params) in settings.items():
+            detections[name].update(apply_thresholds({image_id: per_set[which]}, **params))
+    return detections
 
 
 def _candidate_files(detect_dir: Path, split: str) -> dict[str, Path]:

@@ -3,7 +3,8 @@ for every split, mix them, and report recall (Appendix item 2).
 
     <out>/rpn.pt                          RPN1 + RPN2 heads on one backbone (proposals/rpn/)
     <out>/rpn_checkpoints/                RPN training checkpoints: a rerun resumes (stages/rpn_training.py)
-    <out>/parts/<group>_<split>/          finished shards of per-image work (resume)
+    <out>/parts/<source>_<split>/         finished shards of per-image work (resume; deleted
+                                          once the group's stores for the split are written)
     <out>/sources/<source>_<split>.h5     one proposal store per source and split
     <out>/mixed_<split>.h5                the train mix for train, the test mix for minival/test
     <out>/recall.json                     AR and recall@0.5/0.7 per split, source and object size
@@ -33,7 +34,7 @@ from proposals.rpn.generate import generate_proposals_all
 from proposals.rpn.model import VARIANTS, load_rpn
 from proposals.rpn.config import RpnConfig
 from proposals.selective_search import selective_search_isolated
-from proposals.store import ProposalStore, Shard, ShardedWriter, write_shard, write_store
+from proposals.store import ProposalStore, Shard, ShardedWriter, remove_parts, write_shard, write_store
 from stages.rpn_training import train_rpn_stage
 from stages.worker_cache import cached
 from ion.atomic import write_json_atomic
@@ -112,7 +113,8 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
 
 def _load_splits(data_dir: Path) -> dict[str, DetectionSplit]:
     index = json.loads((Path(data_dir) / INDEX_FILE).read_text(encoding="utf-8"))
-    return {name: DetectionSplit.load(data_dir, name) for name in index["splits"]}
+    # Proposals need each image's id, path and size; recall reads the annotation file itself.
+    return {name: DetectionSplit.load(data_dir, name, with_annotations=False) for name in index["splits"]}
 
 
 # ----------------------------------------------------------------------------- RPN
@@ -139,8 +141,10 @@ def _compute_group(group: str, split: DetectionSplit, settings: dict, out: Path,
     writers = {s: ShardedWriter(out / "parts" / f"{s}_{split.name}", ids, images_per_shard=IMAGES_PER_SHARD)
                for s in sources}
     by_id = {r.image_id: r for r in split.images}
-    first = writers[sources[0]]
-    pending = [shard for shard in first.shards if any(not w.is_done(shard) for w in writers.values())]
+    missing = [s for s in sources if not paths[s].exists()]  # a written store means its source is done
+    # A task writes every source of its group; it is needed while a source without a store lacks it.
+    pending = [shard for shard in writers[sources[0]].shards
+               if any(not writers[s].is_done(shard) for s in missing)]
     tasks = [ShardTask(group=group, split=split.name, shard=shard,
                        images=tuple((i, str(by_id[i].path), by_id[i].width, by_id[i].height)
                                     for i in shard.image_ids),
@@ -150,10 +154,11 @@ def _compute_group(group: str, split: DetectionSplit, settings: dict, out: Path,
     if tasks:
         ctx.map(compute_shard, tasks, desc=f"{group} proposals ({split.name})", gpu=group == "rpn")
     (out / "sources").mkdir(exist_ok=True)
-    for source, writer in writers.items():
-        if not paths[source].exists():
-            write_store(paths[source], writer.iter_items(),
-                        {"source": source, "split": split.name, "config_key": config_key})
+    for source in missing:
+        write_store(paths[source], writers[source].iter_items(),
+                    {"source": source, "split": split.name, "config_key": config_key})
+    # Only once every source's store is written: the shards duplicate them.
+    remove_parts([w.directory for w in writers.values()])
     return paths
 
 

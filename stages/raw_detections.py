@@ -11,7 +11,7 @@ background, never stored). int8 bounds the classes at 127; COCO has 80.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -65,3 +65,28 @@ def read_raw(path: Path) -> dict[int, Detections]:
     with ProposalStore(path) as store:
         return {image_id: Detections(boxes, scores, labels.astype(np.int64))
                 for image_id, boxes, scores, labels in store.iter_items(with_sources=True)}
+
+
+def iter_raw(paths: Mapping[str, Path]) -> Iterator[tuple[int, dict[str, Detections]]]:
+    """(image_id, {name: Detections}) per image, in stored order, reading the
+    candidate files `paths` (name -> raw store of one split) side by side a block
+    of images at a time, so a split's candidates never sit in memory whole."""
+    paths = {name: require_raw(path) for name, path in paths.items()}
+    stores = {name: ProposalStore(path) for name, path in paths.items()}
+    try:
+        orders = {name: store.image_ids.tolist() for name, store in stores.items()}
+        first = next(iter(orders.values()), [])
+        for name, order in orders.items():
+            if order != first:
+                raise UserError(f"{paths[name]}: holds other images than {next(iter(paths.values()))}; "
+                                f"rebuild the raw detections: {REBUILD}")
+        streams = {name: store.iter_items(with_sources=True) for name, store in stores.items()}
+        for image_id in first:
+            per_set = {}
+            for name, stream in streams.items():
+                _, boxes, scores, labels = next(stream)
+                per_set[name] = Detections(boxes, scores, labels.astype(np.int64))
+            yield image_id, per_set
+    finally:
+        for store in stores.values():
+            store.close()

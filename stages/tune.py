@@ -50,7 +50,7 @@ SPLIT = "minival"
 
 def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResult:
     tcfg = cfg.tune
-    split = DetectionSplit.load(inputs["data"], SPLIT)
+    split = DetectionSplit.load(inputs["data"], SPLIT, with_annotations=False)  # trials read the json
     if not split.has_annotations:
         raise UserError(f"the {SPLIT} split has no annotations: tuning needs minival ground truth")
     raw_path = raw_file(inputs["detect"], SPLIT, tcfg.use_flip)

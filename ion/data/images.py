@@ -131,3 +131,23 @@ def load_image(path: Path | str, *, expected_size: tuple[int, int] | None = None
     if apply_tag and orientation != 1:
         image = ImageOps.exif_transpose(image)
     return _to_rgb(image)
+
+
+def check_image_headers(chunk: tuple[str, list[tuple[int, str, int, int]]]) -> list[tuple[int, tuple | None]]:
+    """A task (picklable, for a worker pool): (image_dir, [(index, file_name, width, height)])
+    -> [(index, (reason, message, fix) or None)], the file check of each image."""
+    image_dir, files = chunk
+    return [(i, _image_file_problem(Path(image_dir) / name, width, height)) for i, name, width, height in files]
+
+
+def _image_file_problem(path: Path, width: int, height: int) -> tuple[str, str, str] | None:
+    """(reason, message, fix) unless the file exists and has the annotated size
+    (directly or after its EXIF orientation)."""
+    if not path.is_file():
+        return "missing_image_file", f"image file {path} not found", "check data.coco.*_images or restore the file"
+    try:
+        stored, oriented = stored_and_oriented_size(path)
+        apply_exif_for_size(path=path, stored=stored, oriented=oriented, expected=(width, height))
+    except UserError as err:
+        return "bad_image_file", str(err), "replace the file or fix width/height"
+    return None

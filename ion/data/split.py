@@ -4,6 +4,8 @@
     for record in split.images:
         image = record.load()                  # uint8 (H, W, 3) RGB, EXIF handled as the annotations expect
         masks = instance_masks(record)         # bool (G, H, W)
+
+    split = DetectionSplit.load(data_dir, "test", with_annotations=False)   # id, path, size only
 """
 from __future__ import annotations
 
@@ -29,16 +31,17 @@ _FIX = "rerun the data stage: python -m pipeline run --stages data --force"
 
 @dataclass(frozen=True, eq=False)
 class ImageRecord:
-    """One image and its ground truth (G boxes; crowd boxes included, flagged by `iscrowd`)."""
+    """One image and its ground truth (G boxes; crowd boxes included, flagged by `iscrowd`).
+    Loaded `with_annotations=False`, the four ground-truth fields are None."""
 
     image_id: int
     path: Path
     width: int
     height: int
-    boxes: np.ndarray  # float32 (G, 4) [x1, y1, x2, y2]
-    category_ids: np.ndarray  # int64 (G,) COCO ids
-    iscrowd: np.ndarray  # bool (G,)
-    segmentations: list  # G COCO polygons lists / RLE dicts
+    boxes: np.ndarray | None  # float32 (G, 4) [x1, y1, x2, y2]
+    category_ids: np.ndarray | None  # int64 (G,) COCO ids
+    iscrowd: np.ndarray | None  # bool (G,)
+    segmentations: list | None  # G COCO polygons lists / RLE dicts
 
     def load(self) -> np.ndarray:
         """The image, uint8 (H, W, 3) RGB, in the pixel layout its annotations refer to."""
@@ -59,8 +62,11 @@ class DetectionSplit:
     source: str = ""  # the data stage's source: "synthetic", "coco" or "voc" ("" from older outputs)
 
     @classmethod
-    def load(cls, data_dir: Path, split: str) -> DetectionSplit:
-        """Read `split` ("train", "minival", "test") from the data stage's output folder."""
+    def load(cls, data_dir: Path, split: str, *, with_annotations: bool = True) -> DetectionSplit:
+        """Read `split` ("train", "minival", "test") from the data stage's output folder.
+        `with_annotations` False: records with id, path and size only (no per-image
+        ground truth built), for consumers that only read images; `annotation_file`,
+        `categories` and `has_annotations` are the same either way."""
         data_dir = Path(data_dir)
         index_path = data_dir / INDEX_FILE
         try:
@@ -75,10 +81,16 @@ class DetectionSplit:
         annotation_file = data_dir / entry["annotations"]
         image_dir = data_dir / entry["image_dir"]  # an absolute image_dir stays as it is
         coco = json.loads(annotation_file.read_text(encoding="utf-8"))
-        by_image: dict[int, list[dict]] = {img["id"]: [] for img in coco["images"]}
-        for ann in coco.get("annotations", []):
-            by_image[ann["image_id"]].append(ann)
-        images = [_record(img, by_image[img["id"]], image_dir) for img in coco["images"]]
+        if with_annotations:
+            by_image: dict[int, list[dict]] = {img["id"]: [] for img in coco["images"]}
+            for ann in coco.get("annotations", []):
+                by_image[ann["image_id"]].append(ann)
+            images = [_record(img, by_image[img["id"]], image_dir) for img in coco["images"]]
+        else:
+            images = [ImageRecord(image_id=int(img["id"]), path=image_dir / img["file_name"],
+                                  width=int(img["width"]), height=int(img["height"]), boxes=None,
+                                  category_ids=None, iscrowd=None, segmentations=None)
+                      for img in coco["images"]]
         return cls(name=split, images=images, categories=CategoryMap.from_coco(coco["categories"]),
                    annotation_file=annotation_file, image_dir=image_dir,
                    has_annotations=bool(entry["has_annotations"]),

@@ -6,9 +6,11 @@ candidates pooled from both bounding-box regression rounds, every one with a
 class score >= 0.05. The tune stage calls `postprocess` on every minival
 image in every trial, on the same cached candidates, so the cost per call is
 what matters: numpy on the CPU (a numpy op costs a few microseconds, a torch op
-several times that), torchvision's C++ kernel for the greedy NMS scan, and no
-Python loop over boxes or classes. Torch tensors are accepted too (moved to
-the CPU and back), so the detector's own code can call it.
+several times that), torchvision's C++ kernel for the greedy NMS scan, no
+Python loop over boxes, and a loop over classes only for the few that hold
+enough (kept, candidate) pairs to vote as a matrix (weighted_vote). Torch
+tensors are accepted too (moved to the CPU and back), so the detector's own
+code can call it.
 """
 from __future__ import annotations
 
@@ -111,6 +113,14 @@ def nms_per_class(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, *, 
     return order[keep[:max_kept]]
 
 
+# A class whose kept boxes x candidates exceed this many pairs is voted as one
+# (kept, candidates) IoU matrix and a matrix product: a detector's candidates are
+# often mostly one class (100 kept x thousands of candidates), where gathering
+# each pair's coordinates costs 3-4x more; below it, one vectorised pass over
+# the pairs of all small classes beats a Python loop over them.
+MATRIX_VOTE_PAIRS = 20_000
+
+
 def weighted_vote(*, keep: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
                   vote_iou: float) -> np.ndarray:
     """Weighted voting (MR-CNN, as used in Sec. 4.2 and Appendix item 5).
@@ -128,24 +138,53 @@ def weighted_vote(*, keep: np.ndarray, boxes: np.ndarray, scores: np.ndarray, la
     kept_labels = np.take(labels, keep)
     start = np.searchsorted(sorted_labels, kept_labels, side="left")  # (N,)
     count = np.searchsorted(sorted_labels, kept_labels, side="right") - start  # >= 1: itself
-    pair_kept = np.repeat(np.arange(len(keep)), count)  # (P,) grouped by kept box
-    first_pair = np.cumsum(count) - count  # (N,)
-    pair_cand = np.take(by_label, np.repeat(start - first_pair, count) + np.arange(count.sum()))  # (P,)
+    _, inverse, kept_per_class = np.unique(kept_labels, return_inverse=True, return_counts=True)
+    matrix = np.take(kept_per_class, inverse) * count >= MATRIX_VOTE_PAIRS  # (N,)
     # Coordinates as rows (4, M): np.take and arithmetic on contiguous rows are
     # several times faster than fancy indexing and strided columns of (M, 4).
     coords = np.ascontiguousarray(boxes.T, dtype=np.float64)  # (4, M)
+    voted = np.empty((len(keep), 4), dtype=np.float64)  # (N, 4)
+    if not matrix.all():
+        pairs = np.flatnonzero(~matrix)
+        voted[pairs] = _vote_pairs(np.take(keep, pairs), np.take(start, pairs), np.take(count, pairs),
+                                   by_label, coords, scores, vote_iou)
+    if matrix.any():
+        sorted_coords = np.take(coords, by_label, axis=1)  # (4, M) by class
+        sorted_weights = np.take(scores, by_label).astype(np.float64)  # (M,)
+        position = np.empty_like(by_label)
+        position[by_label] = np.arange(len(by_label))  # candidate -> its column in sorted_coords
+        for label in np.unique(kept_labels[matrix]):
+            rows = np.flatnonzero(kept_labels == label)  # (n,) the class's kept boxes
+            s, e = start[rows[0]], start[rows[0]] + count[rows[0]]
+            cand = sorted_coords[:, s:e]  # (4, m)
+            kept_coords = np.take(coords, np.take(keep, rows), axis=1)  # (4, n)
+            iou = box_iou_pairs(kept_coords[:, :, None], cand[:, None, :])  # (n, m)
+            votes = iou >= vote_iou  # NaN IoU of a 0-area box: itself only (below)
+            votes[np.arange(len(rows)), np.take(position, np.take(keep, rows)) - s] = True
+            weights = np.where(votes, sorted_weights[s:e], 0.0)  # (n, m)
+            voted[rows] = (weights @ cand.T) / weights.sum(axis=1, keepdims=True)
+    return voted.astype(np.float32)
+
+
+def _vote_pairs(keep: np.ndarray, start: np.ndarray, count: np.ndarray, by_label: np.ndarray,
+                coords: np.ndarray, scores: np.ndarray, vote_iou: float) -> np.ndarray:
+    """Voted boxes float64 (N, 4) of kept boxes `keep` (N,) from each (kept,
+    same-class candidate) pair: their class's candidates are by_label[start:start + count]."""
+    pair_kept = np.repeat(np.arange(len(keep)), count)  # (P,) grouped by kept box
+    first_pair = np.cumsum(count) - count  # (N,)
+    pair_cand = np.take(by_label, np.repeat(start - first_pair, count) + np.arange(count.sum()))  # (P,)
     cand = np.take(coords, pair_cand, axis=1)  # (4, P)
     iou = box_iou_pairs(np.take(coords, np.take(keep, pair_kept), axis=1), cand)  # (P,)
     votes = (iou >= vote_iou) | (pair_cand == np.take(keep, pair_kept))  # NaN IoU of a 0-area box: itself only
     weights = np.where(votes, np.take(scores, pair_cand).astype(np.float64), 0.0)  # (P,)
     total = np.add.reduceat(cand * weights, first_pair, axis=1)  # (4, N)
-    return np.ascontiguousarray((total / np.add.reduceat(weights, first_pair)).T, dtype=np.float32)  # (N, 4)
+    return (total / np.add.reduceat(weights, first_pair)).T  # (N, 4)
 
 
 def box_iou_pairs(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
     """IoU of paired boxes given as coordinate rows (4, P) `x1, y1, x2, y2`,
-    (4, P) -> (P,), with torchvision.ops.box_iou's operations in its order;
-    0/0 (two empty boxes) is NaN."""
+    (4, P) -> (P,) (or rows that broadcast: (4, N, 1) and (4, 1, M) -> (N, M)),
+    with torchvision.ops.box_iou's operations in its order; 0/0 (two empty boxes) is NaN."""
     x1, y1, x2, y2 = boxes1
     u1, v1, u2, v2 = boxes2
     w = (np.minimum(x2, u2) - np.maximum(x1, u1)).clip(min=0)

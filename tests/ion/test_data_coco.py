@@ -257,6 +257,38 @@ def test_dropped_images_take_their_annotations(tmp_path):
     assert report.dropped == {"missing_image_file": 1, "annotations_of_dropped_images": 2}
 
 
+def test_image_checks_spread_over_a_pool_find_what_a_serial_pass_finds(tmp_path, monkeypatch):
+    # Many images, some missing, mis-sized or duplicated, checked in chunks of 3 by two
+    # worker processes: the same kept images, counts, examples and first error.
+    import ion.data.coco as coco_module
+    from concurrent.futures import ProcessPoolExecutor
+    folder, data = _tiny(tmp_path)
+    for k in range(20):
+        name = f"x{k}.jpg"
+        if k % 5 != 1:
+            Image.new("RGB", (40, 30)).save(folder / name)
+        data["images"].append({"id": 100 + k, "file_name": name, "width": 41 if k % 7 == 3 else 40,
+                               "height": 30})
+    data["images"].append({"id": 105, "file_name": "a.jpg", "width": 40, "height": 30})
+    path = _write(tmp_path, data)
+    serial_report = ValidationReport()
+    serial = _read(path, folder, on_bad="drop", report=serial_report)
+    with pytest.raises(UserError) as serial_error:
+        _read(path, folder)
+    monkeypatch.setattr(coco_module, "IMAGES_PER_CHECK", 3)
+    with ProcessPoolExecutor(2) as pool:
+        def map_fn(fn, items):
+            return list(pool.map(fn, items))
+        pooled_report = ValidationReport()
+        pooled = _read(path, folder, on_bad="drop", report=pooled_report, map_fn=map_fn)
+        with pytest.raises(UserError) as pooled_error:
+            _read(path, folder, map_fn=map_fn)
+    assert pooled == serial and len(serial["images"]) < len(data["images"])
+    assert pooled_report == serial_report
+    assert set(serial_report.dropped) == {"missing_image_file", "bad_image_file", "duplicate_image_id"}
+    assert str(pooled_error.value) == str(serial_error.value)
+
+
 def test_box_slightly_outside_is_clipped(tmp_path):
     folder, data = _tiny(tmp_path)
     data["annotations"][1]["bbox"] = [33.5, 10, 7, 21]  # 0.5 px right, 1 px below

@@ -86,6 +86,24 @@ def test_matches_reference_loop(seed, nms_iou, vote_iou, score_thresh, max_dets)
     assert dets.boxes.dtype == np.float32 and dets.scores.dtype == np.float32 and dets.labels.dtype == np.int64
 
 
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("matrix_pairs", [0, 10_000, 10**12])
+def test_matrix_and_pair_voting_match_the_reference_loop(seed, matrix_pairs, monkeypatch):
+    # Classes above MATRIX_VOTE_PAIRS vote through an IoU matrix, the others through
+    # the pair list: all (0), some (10000: the dominant class of this set) or none (10**12).
+    import ion.inference.postprocess as postprocess_module
+    monkeypatch.setattr(postprocess_module, "MATRIX_VOTE_PAIRS", matrix_pairs)
+    boxes, scores, labels = random_candidates(seed, objects=20, per_object=40, background=100, classes=3)
+    labels[: len(labels) // 2] = 1  # one class dominates, as with a weak detector
+    params = dict(nms_iou=0.5, vote_iou=0.6, score_thresh=0.05, max_dets=100)
+    dets = postprocess(boxes, scores, labels, **params)
+    ref_boxes, ref_scores, ref_labels = reference_postprocess(boxes, scores, labels, **params)
+    np.testing.assert_array_equal(dets.labels, ref_labels)
+    np.testing.assert_array_equal(dets.scores, ref_scores.astype(np.float32))
+    np.testing.assert_allclose(dets.boxes, ref_boxes, rtol=0, atol=1e-4)
+    assert np.abs(postprocess(boxes, scores, labels, **{**params, "vote_iou": None}).boxes - dets.boxes).max() > 1
+
+
 def test_voting_moves_boxes_in_the_reference_cases():
     """The reference comparison above is not vacuous: voting changes boxes."""
     boxes, scores, labels = random_candidates(0)

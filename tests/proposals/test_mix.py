@@ -60,6 +60,23 @@ def test_first_unique_keeps_first_occurrence_and_equates_signed_zero():
     assert first_unique(boxes).tolist() == [0, 1]
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_first_unique_equals_numpy_unique_rows(seed):
+    # The definition it replaces: first occurrence of each distinct row (np.unique
+    # over rows), ascending; random boxes with many repeats, signed zeros, a
+    # float32 value that differs from its neighbour only in the last bit.
+    rng = np.random.default_rng(seed)
+    distinct = rng.integers(-3, 40, size=(200, 4)).astype(np.float32)
+    distinct[:5] = np.nextafter(distinct[:5], np.float32(np.inf))
+    distinct[rng.random(distinct.shape) < 0.05] = -0.0
+    boxes = distinct[rng.integers(0, len(distinct), size=1500)]  # (1500, 4)
+    _, first = np.unique(boxes + np.float32(0.0), axis=0, return_index=True)
+    kept = first_unique(boxes)
+    assert kept.dtype == np.int64
+    np.testing.assert_array_equal(kept, np.sort(first))
+    np.testing.assert_array_equal(first_unique(boxes[:1]), [0])
+
+
 def test_empty_sources():
     empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
     boxes, scores, sources = mix_image([empty, (A_BOXES, A_SCORES)], [5, 1])
