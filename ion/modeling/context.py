@@ -11,7 +11,7 @@ and the variants of Table 10 ("left-right then up-down", "pool out of both
 IRNNs") are switches of ``ContextConfig``.
 
 Three further switches change how the IRNN is read out, for a small model
-trained from scratch (the paper's sat on pretrained VGG16; README, "What made
+trained from scratch (the paper's sat on pretrained VGG16; docs/RESULTS.md, "What made
 the IRNN learn the sky"): ``state_norm: steps`` divides each direction's
 hidden state by the cells it has scanned (running means, not sums);
 ``input_init: identity`` starts the first layer's input-to-hidden conv as the

@@ -48,9 +48,9 @@ def _rpn_dir(workdir: Path) -> Path:
 
 def test_killed_rpn_training_resumes_bitwise_equal(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    _run(whole, "data")
-    shutil.copytree(whole, killed)  # the same data stage output (a cache hit in both)
     _run(whole, "data,proposals")
+    # The same data stage output: a cache hit in the killed run too.
+    shutil.copytree(whole / "artifacts" / "data", killed / "artifacts" / "data")
 
     process = subprocess.Popen(_command(killed, "data,proposals"), cwd=PROJECT_ROOT, env=_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
