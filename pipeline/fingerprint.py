@@ -25,18 +25,11 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from pipeline.store import file_sha256
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_PACKAGES = ("ion", "proposals", "stages")  # what a stage may import and whose edits it sees
 HASH_LIMIT = 64 << 20  # files up to 64 MiB are hashed by content
-_CHUNK = 1 << 20
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- code

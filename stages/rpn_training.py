@@ -13,19 +13,19 @@ proposals.rpn.log_every iterations while it trains (keys rpn_<name>).
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ion.data.split import DetectionSplit
-from ion.engine.checkpoint import CheckpointFiles, load_checkpoint
+from ion.engine.checkpoint import CheckpointFiles
 from ion.errors import UserError
 from proposals.rpn.config import RpnConfig
 from proposals.rpn.model import build_rpn, save_rpn
 from proposals.rpn.train import RpnImage, rpn_phases, rpn_state_dict, train_rpn
 from stages.contract import StageContext, TrainerSetup
+from stages.worker_resume import worker_start
 
 CHECKPOINTS_DIR = "rpn_checkpoints"
 RAY_DIR = "rpn_ray"
@@ -107,17 +107,7 @@ def rpn_train_worker(session, *, rcfg: RpnConfig, seed: int, data_dir: str, fall
     """A Ray Train worker: resume from Ray Train's latest checkpoint, or from
     out/rpn_checkpoints/last.pt when that one is further along; rank 0 logs to
     the stage's MLflow run and reports progress while it trains."""
-    if session.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // session.world_size))
-    resume = session.resume_state()
-    fallback = Path(fallback_resume)
-    if fallback.is_file():
-        local = load_checkpoint(fallback)
-        if resume is None or local["iteration"] > resume["iteration"]:
-            resume = local
-    if resume is not None:
-        for record in resume["history"]:
-            session.log_metrics(loggable(record), step=int(record["iteration"]))
+    resume = worker_start(session, Path(fallback_resume), loggable)
     torch.manual_seed(seed)
     model = build_rpn(rcfg, load_imagenet=resume is None)
     result = train_rpn(model, RpnTrainImages(DetectionSplit.load(Path(data_dir), "train")), rcfg, seed=seed,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -36,6 +35,7 @@ from ion.data.train_samples import TrainingSamples
 from ion.engine.checkpoint import CheckpointFiles, load_checkpoint, write_checkpoint
 from ion.engine.loop import NonFiniteLossError, TrainResult, train
 from stages.contract import StageContext, StageResult, TrainerSetup
+from stages.worker_resume import worker_start
 from proposals.store import ProposalStore
 
 NAME = "train"
@@ -166,17 +166,7 @@ def train_worker(session, *, cfg, data_dir: str, proposal_files: list[str], fall
 
     Resumes from Ray Train's latest checkpoint, or from out/checkpoints/last.pt
     when that one is further along (a run that was single-process before)."""
-    if session.device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // session.world_size))
-    resume = session.resume_state()
-    fallback = Path(fallback_resume)
-    if fallback.is_file():
-        local = load_checkpoint(fallback)
-        if resume is None or local["iteration"] > resume["iteration"]:
-            resume = local
-    if resume is not None:  # this MLflow run gets the whole curve (the session skips what it holds)
-        for record in resume["history"]:
-            session.log_metrics(_loggable(record), step=int(record["iteration"]))
+    resume = worker_start(session, Path(fallback_resume), _loggable)
     total = sum(phase.iterations for phase in cfg.train.phases)
     result = train_detector(cfg, data_dir=Path(data_dir), proposal_files=[Path(p) for p in proposal_files],
                             resume=resume, save_checkpoint=session.save, device=session.device,
