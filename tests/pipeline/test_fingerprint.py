@@ -7,6 +7,7 @@ from typing import Optional
 
 from pipeline.fingerprint import code_modules, input_fingerprint
 from pipeline.graph import Stage, cache_keys
+from tests.conftest import SHARED
 
 STAGES = ("data", "proposals", "train", "detect", "tune", "evaluate")
 
@@ -89,10 +90,8 @@ def test_replacing_the_coco_annotations_in_place_changes_the_data_key(tmp_path):
     from pipeline.config import load_config
     from pipeline.graph import registered_stages
 
-    source = "/work/shared/data/coco-mini/annotations/instances_train2017.json"
-    if not os.path.isfile(source):
-        import pytest
-        pytest.skip(f"{source}: not here")
+    source = SHARED / "data" / "coco-mini" / "annotations" / "instances_train2017.json"
+    assert source.is_file(), f"{source}: the tests need ../shared beside the checkout"
     annotations = tmp_path / "instances_train2017.json"
     shutil.copy(source, annotations)
     cfg = load_config("coco_mini", [f"data.coco.train_annotations={annotations}"], workdir=tmp_path)
