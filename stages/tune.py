@@ -60,14 +60,12 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
         require_raw(path)
 
     study = _open_study(out / "study.journal")
-    done = len(_complete(study))
-    bar = iter(ctx.progress(range(done, tcfg.trials), desc="tune trials", total=max(tcfg.trials - done, 0)))
-    for first in range(_first_open_batch(study, tcfg.parallel), tcfg.trials, tcfg.parallel):
+    # Progress counts batches: the wrapper times each one from the moment it is asked for.
+    batches = range(_first_open_batch(study, tcfg.parallel), tcfg.trials, tcfg.parallel)
+    for first in ctx.progress(batches, desc=f"tune trials ({tcfg.parallel} per batch)", unit="batches"):
         batch = _ask_batch(study, tcfg, seed=cfg.seed, numbers=range(first, min(first + tcfg.parallel, tcfg.trials)))
         if batch:
             _evaluate_batch(study, batch, task, ctx)
-        for _ in batch:
-            next(bar, None)
 
     baseline = trial_ap({"raw": str(baseline_path), "gt": task["gt"],
                          "params": {"nms_iou": tcfg.baseline_nms_iou, "vote_iou": None}})

@@ -153,7 +153,8 @@ def _check_images(raw: object, *, image_dir: Path, check_image_files: bool, chec
     if check_image_files and files:
         chunks = [(str(image_dir), files[start:start + IMAGES_PER_CHECK])
                   for start in range(0, len(files), IMAGES_PER_CHECK)]
-        for chunk_result in map_fn(check_image_headers, chunks):
+        # One chunk (a few seconds of reads at most) is read here: starting workers costs more.
+        for chunk_result in (map_fn if len(chunks) > 1 else _serial_map)(check_image_headers, chunks):
             for i, problem in chunk_result:
                 entries[i] = (entries[i][0], problem)
     kept = []

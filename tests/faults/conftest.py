@@ -42,6 +42,12 @@ def start(workdir: Path, *args: str, env: dict[str, str] | None = None) -> subpr
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    """Wait for a command from `start`."""
+    stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def run(workdir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(command(workdir, *args), cwd=PROJECT_ROOT, env=env or pipeline_env(),
                           capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
@@ -79,6 +85,7 @@ class SharedRun:
     workdir: Path
     together: list[subprocess.CompletedProcess]  # the two commands started together on the fresh workdir
     third: subprocess.CompletedProcess  # the same command once they were done
+    empty_store: Path  # a migrated MLflow sqlite store without runs
 
     def artifact(self, stage: str) -> Path:
         found = [p for p in (self.workdir / "artifacts" / stage).iterdir() if (p / "manifest.json").is_file()]
@@ -86,19 +93,19 @@ class SharedRun:
         return found[0]
 
     def copy(self, target: Path) -> Path:
-        """A workdir holding a copy of the finished artifacts and no MLflow store of its own yet."""
+        """A workdir holding a copy of the finished artifacts and an empty MLflow store
+        (creating one takes seconds of migrations; the fresh-workdir case is the two
+        commands started together)."""
         shutil.copytree(self.workdir / "artifacts", target / "artifacts",
                         ignore=shutil.ignore_patterns("*.lock"))
+        shutil.copy(self.empty_store, target / "mlflow.db")
         return target
 
 
 @pytest.fixture(scope="session")
-def shared_run(tmp_path_factory) -> SharedRun:
+def shared_run(tmp_path_factory, mlflow_db_template) -> SharedRun:
     workdir = tmp_path_factory.mktemp("faults") / "work"
     procs = [start(workdir), start(workdir)]
-    together = []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
-        together.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    together = [finish(proc) for proc in procs]
     third = run(workdir) if all(p.returncode == 0 for p in together) else together[0]
-    return SharedRun(workdir=workdir, together=together, third=third)
+    return SharedRun(workdir=workdir, together=together, third=third, empty_store=mlflow_db_template)

@@ -35,13 +35,12 @@ def _coco_copy(shared_run, tmp_path):
     return path, json.loads(path.read_text()), tmp_path / "images"
 
 
-def test_rle_size_given_as_an_int_names_the_annotation(shared_run, tmp_path):
+def test_rle_size_given_as_an_int_names_the_annotation(shared_run, tmp_path, workdir):
     path, coco, images = _coco_copy(shared_run, tmp_path)
     ann = coco["annotations"][0]
     img = next(i for i in coco["images"] if i["id"] == ann["image_id"])
     ann["segmentation"] = {"size": img["height"], "counts": [img["height"] * img["width"]]}
     path.write_text(json.dumps(coco))
-    workdir = tmp_path / "work"
 
     proc = run(workdir, "--stages", "data", *coco_overrides(str(path), str(images)))
     assert_one_error_line(proc, f"{path}: annotations[0] (id={ann['id']}): RLE size must be a list of 2 integers",
@@ -53,12 +52,11 @@ def test_rle_size_given_as_an_int_names_the_annotation(shared_run, tmp_path):
     assert stage_results(dropped.stdout) == {"data": "ran"}
 
 
-def test_decompression_bomb_image_names_the_file(shared_run, tmp_path):
+def test_decompression_bomb_image_names_the_file(shared_run, tmp_path, workdir):
     path, coco, images = _coco_copy(shared_run, tmp_path)
     (images / "train" / "bomb.png").write_bytes(png_header(20000, 12000))  # 33 bytes declaring 240 Mpixels
     coco["images"].append({"id": 999999, "file_name": "train/bomb.png", "width": 20000, "height": 12000})
     path.write_text(json.dumps(coco))
-    workdir = tmp_path / "work"
 
     proc = run(workdir, "--stages", "data", *coco_overrides(str(path), str(images)))
     assert_one_error_line(proc, f"{images / 'train' / 'bomb.png'}: Image size (240000000 pixels) exceeds limit")

@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-from tests.faults.conftest import assert_ok, assert_one_error_line, run, stage_results, start
+from tests.faults.conftest import assert_ok, assert_one_error_line, finish, run, stage_results, start
 
 
 def test_torn_study_journal_is_repaired_on_rerun(shared_run, tmp_path):
@@ -53,7 +53,7 @@ def _study(path):
 def test_tune_killed_mid_study_ends_as_the_uninterrupted_study(shared_run, tmp_path):
     args = ("--stages", "tune", "-o", "tune.trials=24")
     whole = shared_run.copy(tmp_path / "whole")
-    assert_ok(run(whole, *args))
+    uninterrupted = start(whole, *args)  # goes on beside the run that is killed and resumed
 
     killed = shared_run.copy(tmp_path / "killed")
     proc = start(killed, *args)
@@ -68,6 +68,7 @@ def test_tune_killed_mid_study_ends_as_the_uninterrupted_study(shared_run, tmp_p
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert_ok(run(killed, *args))
+    assert_ok(finish(uninterrupted))
 
     (whole_dir,) = [p for p in (whole / "artifacts" / "tune").iterdir() if (p / "manifest.json").is_file()
                     and p.name != shared_run.artifact("tune").name]

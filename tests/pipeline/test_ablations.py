@@ -14,6 +14,7 @@ import pytest
 from pipeline.ablations import (ABLATIONS_DIR, EXPERIMENT, build_rows, config_changes, format_markdown,
                                 table_metrics)
 from pipeline.cli import main
+from tests.stages.conftest import copy_artifact
 from pipeline.config import DEFAULT_CONFIG, PROJECT_ROOT, AblationConfig, load_config
 from pipeline.graph import cache_keys, registered_stages
 from ion.schema import to_plain
@@ -214,10 +215,14 @@ def _variant(tmp_path: Path, name: str, body: str = "") -> Path:
     return path
 
 
-def test_ablations_command_end_to_end(tmp_path, workdir):
+def test_ablations_command_end_to_end(smoke_run, tmp_path, workdir):
     """Two smoke-sized variants through the real CLI: both run, share data and proposals,
     and the table lands in the workdir and in MLflow."""
     from mlflow import MlflowClient
+
+    # The variants change the model only: the smoke run's data and proposals are cache hits.
+    for stage in ("data", "proposals"):
+        copy_artifact(smoke_run.dirs[stage], workdir / "artifacts" / stage)
 
     configs = [_variant(tmp_path, "irnn-identity"), _variant(tmp_path, "global", "model:\n  context: {kind: global}\n")]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}

@@ -11,6 +11,7 @@ import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -85,8 +86,8 @@ def copy_artifact(source: Path, parent: Path) -> Path:
     return target
 
 
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory) -> SmokeRun:
+def run_smoke(tmp_path_factory) -> Iterator[SmokeRun]:
+    """The session's `smoke_run` fixture (tests/conftest.py: shared by every test folder)."""
     workdir = tmp_path_factory.mktemp("smoke")
     with pytest.MonkeyPatch.context() as patch:
         # The tests' MLflow runs and Ray stay in the test's workdir and on this machine.

@@ -16,12 +16,16 @@ import subprocess
 import sys
 
 from pipeline.config import PROJECT_ROOT
+from tests.stages.conftest import copy_artifact
 
 ITERATIONS = (20, 10)
 
 
-def test_two_workers_log_losses_while_training_and_print_progress(tmp_path):
-    workdir = tmp_path / "w"
+def test_two_workers_log_losses_while_training_and_print_progress(smoke_run, tmp_path, workdir):
+    # The smoke run's data and proposals: cache hits here (the overrides below change
+    # only runtime and train), so the run spends its time on Ray Train.
+    for stage in ("data", "proposals"):
+        copy_artifact(smoke_run.dirs[stage], workdir / "artifacts" / stage)
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), env.get("PYTHONPATH", "")])
     env["ION_PROGRESS_EVERY"] = "0"  # every update: the test does not depend on timing
@@ -37,6 +41,7 @@ def test_two_workers_log_losses_while_training_and_print_progress(tmp_path):
     assert done.returncode == 0, text[-4000:]
 
     lines = text.splitlines()
+    assert re.search(r"^data +cached", text, re.MULTILINE) and re.search(r"^proposals +cached", text, re.MULTILINE)
     start = lines.index(next(line for line in lines if line.startswith("stage train: started")))
     end = lines.index(next(line for line in lines if line.startswith("stage train: finished")))
     total = sum(ITERATIONS)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import PROJECT_ROOT
+from tests.stages.conftest import copy_artifact
 
 ITERATIONS, CHECKPOINT_EVERY = 40, 5
 OVERRIDES = ["-o", f"proposals.rpn.iterations={ITERATIONS}", "-o", f"proposals.rpn.checkpoint_every={CHECKPOINT_EVERY}"]
@@ -46,11 +47,15 @@ def _rpn_dir(workdir: Path) -> Path:
     return out
 
 
-def test_killed_rpn_training_resumes_bitwise_equal(tmp_path):
+def test_killed_rpn_training_resumes_bitwise_equal(smoke_run, mlflow_db_template, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    _run(whole, "data,proposals")
-    # The same data stage output: a cache hit in the killed run too.
-    shutil.copytree(whole / "artifacts" / "data", killed / "artifacts" / "data")
+    # The smoke run's data stage output (the overrides change only proposals): a cache hit in both.
+    for workdir in (whole, killed):
+        copy_artifact(smoke_run.dirs["data"], workdir / "artifacts" / "data")
+        shutil.copy(mlflow_db_template, workdir / "mlflow.db")  # migrated once per session
+    # The uninterrupted run goes on beside the one that is killed and resumed.
+    uninterrupted = subprocess.Popen(_command(whole, "data,proposals"), cwd=PROJECT_ROOT, env=_env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     process = subprocess.Popen(_command(killed, "data,proposals"), cwd=PROJECT_ROOT, env=_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -69,6 +74,8 @@ def test_killed_rpn_training_resumes_bitwise_equal(tmp_path):
     assert 0 < stopped_at < ITERATIONS
 
     _run(killed, "data,proposals")
+    stdout, stderr = uninterrupted.communicate(timeout=600)
+    assert uninterrupted.returncode == 0, stdout[-3000:] + stderr[-3000:]
     resumed = torch.load(out / "rpn.pt", weights_only=True)["state_dict"]
     uninterrupted = torch.load(_rpn_dir(whole) / "rpn.pt", weights_only=True)["state_dict"]
     assert resumed.keys() == uninterrupted.keys()
