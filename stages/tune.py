@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-from scipy.stats import qmc
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -110,6 +109,8 @@ def trial_params(tcfg, *, seed: int, number: int) -> dict | None:
     if tcfg.sampler == "random":
         unit = np.random.default_rng([seed, number]).random(len(space))
     elif tcfg.sampler == "sobol":
+        from scipy.stats import qmc  # 1 s to import: only for this sampler
+
         sobol = qmc.Sobol(d=len(space), scramble=True, seed=seed)
         if number:  # scipy's fast_forward(0) overflows
             sobol.fast_forward(number)

@@ -123,8 +123,7 @@ def head() -> Iterator[Head]:
         assert not left, f"processes of the test's Ray head survive SIGKILL: {left}"
 
 
-def run_cli(tmp_path: Path, stages: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    workdir = tmp_path / "work"
+def run_cli(workdir: Path, stages: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline", "run", "--config", str(SMOKE), "--workdir",
                            str(workdir), "--stages", stages],
                           cwd=PROJECT, env={**_base_env(), **env}, capture_output=True, text=True, timeout=timeout)
@@ -147,8 +146,8 @@ def cluster_state(head: Head) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_stages_run_on_the_cluster_named_by_ray_address(head, tmp_path):
-    proc = run_cli(tmp_path, "data,proposals", {"RAY_ADDRESS": head.address, **head.auth_env})
+def test_stages_run_on_the_cluster_named_by_ray_address(head, workdir):
+    proc = run_cli(workdir, "data,proposals", {"RAY_ADDRESS": head.address, **head.auth_env})
     assert proc.returncode == 0, proc.stderr[-3000:]
     joined = f"ray: joined the cluster at {head.address} (RAY_ADDRESS): 1 node, {HEAD_CPUS} CPUs, 0 GPUs"
     assert proc.stdout.splitlines().count(joined) == 1, proc.stdout
@@ -156,7 +155,7 @@ def test_stages_run_on_the_cluster_named_by_ray_address(head, tmp_path):
 
     state = cluster_state(head)
     drivers = [j for j in state["jobs"] if j["type"].endswith("DRIVER") and "-m pipeline run" in j["entrypoint"]
-               and "--stages data,proposals" in j["entrypoint"] and str(tmp_path) in j["entrypoint"]]
+               and "--stages data,proposals" in j["entrypoint"] and str(workdir) in j["entrypoint"]]
     assert len(drivers) == 1, state["jobs"]
     assert drivers[0]["status"].endswith("SUCCEEDED"), drivers[0]
     ran = {t["name"] for t in state["tasks"]
@@ -165,12 +164,12 @@ def test_stages_run_on_the_cluster_named_by_ray_address(head, tmp_path):
     assert {"generate_chunk", "compute_shard"} <= ran, state["tasks"]
 
 
-def test_a_token_cluster_without_ray_auth_mode_exits_2_naming_it(head, tmp_path):
+def test_a_token_cluster_without_ray_auth_mode_exits_2_naming_it(head, workdir):
     # Ray sends no token to an explicit address unless RAY_AUTH_MODE=token. It
     # retries ~20 s before it gives up; RAY_gcs_server_port_wait_time_s shortens that.
     env = {"RAY_ADDRESS": head.address, "RAY_AUTH_TOKEN": head.auth_env["RAY_AUTH_TOKEN"],
            "RAY_gcs_server_port_wait_time_s": "2"}
-    proc = run_cli(tmp_path, "data", env, timeout=180)
+    proc = run_cli(workdir, "data", env, timeout=180)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.splitlines()[-1] == (
         f"error: RAY_ADDRESS={head.address}: the Ray cluster uses token authentication; set RAY_AUTH_MODE=token "
@@ -179,11 +178,11 @@ def test_a_token_cluster_without_ray_auth_mode_exits_2_naming_it(head, tmp_path)
     assert "Traceback" not in proc.stderr
 
 
-def test_a_ray_address_where_nothing_listens_exits_2_naming_it(tmp_path):
+def test_a_ray_address_where_nothing_listens_exits_2_naming_it(workdir):
     with socket.socket() as sock:  # bound, never listening: connections are refused
         sock.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{sock.getsockname()[1]}"
-        proc = run_cli(tmp_path, "data", {"RAY_ADDRESS": address}, timeout=180)
+        proc = run_cli(workdir, "data", {"RAY_ADDRESS": address}, timeout=180)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr == (f"error: RAY_ADDRESS={address}: cannot reach the Ray cluster (Connection refused); "
                            "start it (ray start --head) or unset RAY_ADDRESS to run on a local Ray instance\n")
