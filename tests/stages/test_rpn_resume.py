@@ -54,8 +54,8 @@ def test_killed_rpn_training_resumes_bitwise_equal(smoke_run, mlflow_db_template
         copy_artifact(smoke_run.dirs["data"], workdir / "artifacts" / "data")
         shutil.copy(mlflow_db_template, workdir / "mlflow.db")  # migrated once per session
     # The uninterrupted run goes on beside the one that is killed and resumed.
-    uninterrupted = subprocess.Popen(_command(whole, "data,proposals"), cwd=PROJECT_ROOT, env=_env(),
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reference = subprocess.Popen(_command(whole, "data,proposals"), cwd=PROJECT_ROOT, env=_env(),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     process = subprocess.Popen(_command(killed, "data,proposals"), cwd=PROJECT_ROOT, env=_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -74,8 +74,8 @@ def test_killed_rpn_training_resumes_bitwise_equal(smoke_run, mlflow_db_template
     assert 0 < stopped_at < ITERATIONS
 
     _run(killed, "data,proposals")
-    stdout, stderr = uninterrupted.communicate(timeout=600)
-    assert uninterrupted.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    stdout, stderr = reference.communicate(timeout=600)
+    assert reference.returncode == 0, stdout[-3000:] + stderr[-3000:]
     resumed = torch.load(out / "rpn.pt", weights_only=True)["state_dict"]
     uninterrupted = torch.load(_rpn_dir(whole) / "rpn.pt", weights_only=True)["state_dict"]
     assert resumed.keys() == uninterrupted.keys()
