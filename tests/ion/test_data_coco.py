@@ -65,18 +65,23 @@ def test_coco_mini_splits_paper_rules(mini):
     assert all(a["image_id"] in test for a in splits["test"].coco["annotations"])
 
 
-def test_trainval_merge_and_test_dev_without_annotations(mini, tmp_path):
-    """val_rest=train: train = train2017 + val2017 outside minival, file names relative to a common
-    folder; test from an image-info file has no annotations key."""
+def _splits_with_test_dev(mini, tmp_path, *, val_rest: str) -> dict:
+    """coco-mini's splits (30 val images as minival) with val2017 as a test-dev image-info file."""
     info = json.loads(mini["val_json"].read_text())
     del info["annotations"]
     info_file = tmp_path / "image_info_test-dev.json"
     info_file.write_text(json.dumps(info))
-    splits = build_coco_splits(
+    return build_coco_splits(
         train_annotations=mini["train_json"], train_images=mini["train_images"], val_annotations=mini["val_json"],
-        val_images=mini["val_images"], minival_size=30, minival_ids_file=None, val_rest="train",
+        val_images=mini["val_images"], minival_size=30, minival_ids_file=None, val_rest=val_rest,
         test_annotations=None, test_image_info=info_file, test_images=mini["val_images"], on_bad="error",
         box_tolerance=1.0, check_image_files=True, report=ValidationReport())
+
+
+def test_trainval_merge_and_test_dev_without_annotations(mini, tmp_path):
+    """val_rest=train: train = train2017 + val2017 outside minival, file names relative to a common
+    folder; test from an image-info file has no annotations key."""
+    splits = _splits_with_test_dev(mini, tmp_path, val_rest="train")
     train = splits["train"]
     assert len(train.coco["images"]) == 80 + 49 and len(train.coco["annotations"]) > 739
     assert train.image_dir == mini["root"].resolve()
@@ -88,15 +93,7 @@ def test_trainval_merge_and_test_dev_without_annotations(mini, tmp_path):
 
 def test_val_rest_drop_trains_on_train_alone(mini, tmp_path):
     """val_rest=drop: the 'train' rows of Tables 3 and 11; the val images outside minival go nowhere."""
-    info = json.loads(mini["val_json"].read_text())
-    del info["annotations"]
-    info_file = tmp_path / "image_info_test-dev.json"
-    info_file.write_text(json.dumps(info))
-    splits = build_coco_splits(
-        train_annotations=mini["train_json"], train_images=mini["train_images"], val_annotations=mini["val_json"],
-        val_images=mini["val_images"], minival_size=30, minival_ids_file=None, val_rest="drop",
-        test_annotations=None, test_image_info=info_file, test_images=mini["val_images"], on_bad="error",
-        box_tolerance=1.0, check_image_files=True, report=ValidationReport())
+    splits = _splits_with_test_dev(mini, tmp_path, val_rest="drop")
     train_ids = {img["id"] for img in json.loads(mini["train_json"].read_text())["images"]}
     assert {img["id"] for img in splits["train"].coco["images"]} == train_ids
     assert len(splits["minival"].coco["images"]) == 30 and not splits["test"].has_annotations
