@@ -359,5 +359,5 @@ def run_ablations(*, configs: Sequence[Path] | None, overrides: Sequence[str], w
     if unshared:
         print(f"note: {', '.join(unshared)} used other data or proposals outputs than {ref.name}: "
               f"their rows do not compare like for like")
-    print(f"table: {md_path} and {json_path.name}; MLflow: experiment {EXPERIMENT!r}, run {run.run_id}")
+    print(f"table: {md_path} and {json_path.name}; MLflow: experiment {tracker.experiment_name!r}, run {run.run_id}")
     return rows

@@ -84,6 +84,9 @@ class AblationConfig:
 @dataclass(frozen=True)
 class Config:
     name: str = field(default="default", metadata={"help": "run name: the MLflow experiment runs are filed under"})
+    registered_model: str = field(default="", metadata={
+        "help": "MLflow Model Registry name the train stage registers its detector under; empty: "
+                "ion-<name> (pipeline/registry.py)"})
     seed: int = field(default=0, metadata={"help": "seed of every random choice (data, sampling, init)", "min": 0})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "datasets and splits (ion/data/config.py)"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the ION detector (ion/modeling/config.py)"})
@@ -107,6 +110,9 @@ class Config:
     def __post_init__(self) -> None:
         if not self.name.strip():
             raise ValueError("name: must not be empty (it names the MLflow experiment)")
+        if any(c in self.registered_model for c in "/@:"):
+            raise ValueError("registered_model: must not contain / @ or : (it is part of models:/<name>@<alias> "
+                             "URIs)")
 
 
 def load_config(path: Path, overrides: Sequence[str] = (), *, workdir: Path | None = None) -> Config:

@@ -7,16 +7,32 @@ rpn.pt (the proposals stage's RPN, for the test mix's RPN boxes) and config.yaml
 its thresholds into the same run's model folder, model/thresholds/best.json,
 so they travel with the model; without them the untuned baseline applies.
 
-    model = mlflow.pyfunc.load_model("runs:/<run id>/model")
-    model.predict(["a.jpg", "b.png"])     # or a DataFrame with a `path` column
-    -> DataFrame: file_name, image_id, category_id, category, bbox [x, y, w, h], score
+Self-contained: the project's packages (ion, proposals, stages, pipeline) are
+copied into the model's code/ folder (`code_paths`), which MLflow puts first on
+sys.path when it loads the model, and requirements.txt names every distribution
+inference imports. The project is not published as a package a fresh
+environment could install, and the code that trained the weights is the code
+that must read them: shipping it with the model keeps the two together.
+
+    model = mlflow.pyfunc.load_model("runs:/<run id>/model")      # or models:/ion-default@champion
+    model.predict(pd.DataFrame({"path": ["a.jpg", "b.png"]}))     # files on this machine
+    model.predict(pd.DataFrame({"image": [open("a.jpg", "rb").read()]}))   # file bytes
+    -> DataFrame: file_name, image_id, category_id, category, bbox [x, y, w, h], score, error
+
+Served (`mlflow models serve`), the `image` column is base64 text in the JSON
+request, decoded by MLflow as the signature's binary type says. image_id is the
+row's index; a row that cannot be read gets one line with its error and no
+detections, the other rows their detections.
 
 Like pipeline/tracking.py it imports mlflow: a PythonModel must subclass
 mlflow's class. It is imported only where a model is logged or loaded.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +44,13 @@ ARTIFACT_RPN = "rpn.pt"
 ARTIFACT_CONFIG = "config.yaml"
 MODEL_ARTIFACT_PATH = "model"
 THRESHOLDS_PATH = "thresholds/best.json"  # inside the model folder
+PROJECT_PACKAGES = ("ion", "proposals", "stages", "pipeline")
+COLUMNS = ["file_name", "image_id", "category_id", "category", "bbox", "score", "error"]
+# What loading and predicting import (checked by tests/stages/test_mlflow_model.py in a
+# fresh process); MLflow adds itself. Stated, not inferred: inferring imports the model
+# in a subprocess, which takes seconds.
+REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "opencv-contrib-python-headless", "pyyaml", "scipy",
+                "h5py", "pycocotools", "filelock", "pandas")
 
 
 def model_files(model_root: Path) -> tuple[dict[str, Path], dict | None]:
@@ -42,17 +65,46 @@ def model_files(model_root: Path) -> tuple[dict[str, Path], dict | None]:
     return files, best
 
 
-def _paths(model_input: Any) -> list[str]:
+def _rows(model_input: Any) -> list[tuple[str | None, Any]]:
+    """(path, image bytes or base64 text) per input row; one of the two is None."""
     if hasattr(model_input, "columns"):  # a pandas DataFrame
-        column = "path" if "path" in model_input.columns else model_input.columns[0]
-        return [str(p) for p in model_input[column].tolist()]
+        columns = list(model_input.columns)
+        if "path" not in columns and "image" not in columns:
+            raise ValueError(f"the input has no `path` or `image` column (columns: {columns}); give a DataFrame "
+                             "with either")
+        paths = model_input["path"].tolist() if "path" in columns else [None] * len(model_input)
+        images = model_input["image"].tolist() if "image" in columns else [None] * len(model_input)
+        return [(None if _missing(p) else str(p), None if _missing(i) else i) for p, i in zip(paths, images)]
     if isinstance(model_input, (str, Path)):
-        return [str(model_input)]
-    return [str(p) for p in model_input]
+        return [(str(model_input), None)]
+    return [(str(p), None) for p in model_input]
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)  # None or NaN
+
+
+def _image_of(path: str | None, data: Any, row: int):
+    """uint8 (H, W, 3) RGB of one input row; UserError naming the row when it is no image."""
+    from ion.data.images import decode_image, load_image
+    from ion.errors import UserError
+
+    if data is None:
+        if path is None:
+            raise UserError(f"row {row}: neither `path` nor `image` is given")
+        return load_image(path)
+    if isinstance(data, str):  # base64 text (a DataFrame built by hand, not through the signature)
+        try:
+            data = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise UserError(f"row {row}: `image` is not base64 text of an image file") from None
+    if not isinstance(data, (bytes, bytearray)):
+        raise UserError(f"row {row}: `image` holds {type(data).__name__}, not the bytes of an image file")
+    return decode_image(bytes(data), name=path or f"row {row} (image bytes)")
 
 
 class IonDetectorModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: image paths in, detections out (stages/predict_images.py)."""
+    """pyfunc wrapper: image paths or bytes in, detections out (stages/predict_images.py)."""
 
     def load_context(self, context: Any) -> None:
         from stages.predict_images import make_predictor
@@ -66,17 +118,43 @@ class IonDetectorModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would read a schema from them
         import pandas as pd
 
-        from ion.data.images import load_image
+        from ion.errors import UserError
         from ion.evaluation.results import to_coco_results
         from stages.predict_images import _models, detect_image
 
         _, _, _, categories = _models(self.predictor)
         rows = []
-        for image_id, path in enumerate(_paths(model_input)):
-            dets = detect_image(self.predictor, load_image(path), seed=image_id)
+        for image_id, (path, data) in enumerate(_rows(model_input)):
+            try:
+                image = _image_of(path, data, image_id)
+            except UserError as err:
+                rows.append({**dict.fromkeys(COLUMNS), "file_name": path, "image_id": image_id, "error": str(err)})
+                continue
+            dets = detect_image(self.predictor, image, seed=image_id)
             for entry in to_coco_results({image_id: dets}, categories):
-                rows.append({"file_name": path, **entry, "category": categories.name(entry["category_id"])})
-        return pd.DataFrame(rows, columns=["file_name", "image_id", "category_id", "category", "bbox", "score"])
+                rows.append({"file_name": path, **entry, "category": categories.name(entry["category_id"]),
+                             "error": None})
+        # object columns: an error row's missing values stay None (null in the served JSON), not NaN
+        # (which turns the ids to floats and is no JSON)
+        frame = pd.DataFrame(rows, columns=COLUMNS, dtype=object)
+        return frame.astype({"image_id": "int64"})
+
+
+def signature():
+    """Input: `path` (a file on the serving machine) and/or `image` (the file's bytes), one
+    of them per row; output: one row per detection (or per unreadable input)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+    inputs = Schema([ColSpec(DataType.string, "path", required=False),
+                     ColSpec(DataType.binary, "image", required=False)])
+    outputs = Schema([ColSpec(DataType.string, "file_name", required=False), ColSpec(DataType.long, "image_id"),
+                      ColSpec(DataType.long, "category_id", required=False),
+                      ColSpec(DataType.string, "category", required=False),
+                      ColSpec(Array(DataType.double), "bbox", required=False),
+                      ColSpec(DataType.double, "score", required=False),
+                      ColSpec(DataType.string, "error", required=False)])
+    return ModelSignature(inputs=inputs, outputs=outputs)
 
 
 def config_of(path: Path):
@@ -88,8 +166,14 @@ def config_of(path: Path):
     return build(Config, parse_yaml(text, str(path)), origin=Origin(label=str(path), base_dir=Path(path).parent))
 
 
+def project_root() -> Path:
+    """The folder holding the project's packages this process imported."""
+    return Path(__file__).resolve().parents[1]
+
+
 def save_detector_model(path: Path, artifacts: dict[str, Path], config_text: str) -> Path:
-    """Write the pyfunc model to `path` (a new folder): the artifacts, config.yaml, the MLmodel file."""
+    """Write the pyfunc model to `path` (a new folder): the artifacts, config.yaml, the
+    project's code, requirements, the signature and the MLmodel file."""
     import importlib.metadata
     import tempfile
 
@@ -98,10 +182,13 @@ def save_detector_model(path: Path, artifacts: dict[str, Path], config_text: str
         config.write_text(config_text, encoding="utf-8")
         files = {name: str(p) for name, p in artifacts.items()}
         files[ARTIFACT_CONFIG] = str(config)
-        # Stated, not inferred: inference imports the model in a subprocess, which takes seconds.
-        requirements = [f"{name}=={importlib.metadata.version(name)}"
-                        for name in ("torch", "torchvision", "numpy", "pillow", "opencv-contrib-python-headless")
-                        if _installed(name)]
+        code = []
+        for package in PROJECT_PACKAGES:  # sources only: no caches of this machine's Python
+            target = Path(tmp) / "code" / package
+            shutil.copytree(project_root() / package, target,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            code.append(str(target))
+        requirements = [f"{name}=={importlib.metadata.version(name)}" for name in REQUIREMENTS if _installed(name)]
         # MLflow warns on every save that a pickled PythonModel runs code when loaded; ours is
         # a class of this project, loaded only from runs the user's own pipeline logged.
         logger = logging.getLogger("mlflow.pyfunc")
@@ -109,7 +196,7 @@ def save_detector_model(path: Path, artifacts: dict[str, Path], config_text: str
         logger.setLevel(logging.ERROR)
         try:
             mlflow.pyfunc.save_model(str(path), python_model=IonDetectorModel(), artifacts=files,
-                                     pip_requirements=requirements)
+                                     code_paths=code, pip_requirements=requirements, signature=signature())
         finally:
             logger.setLevel(level)
     return path

@@ -8,6 +8,7 @@ logged is appended here, one JSON record a line, in the order it happened:
     {"op": "metrics", "run": <run id>, "metrics": [[key, value, timestamp_ms, step], ...]}
     {"op": "params" | "tags", "run": <run id>, "items": [[key, value], ...]}
     {"op": "artifact", "run": <run id>, "path": <file or folder>, "dir": <artifact dir or null>}
+    {"op": "register" | "version_tags", "run": <run id>, "name": <registered model>, "tags": {...}}
     {"op": "terminate", "run": <run id>, "status": "FINISHED" | "FAILED" | "KILLED", "end": ms}
 
 pipeline/tracking.py replays them at the end of the run and at the start of the

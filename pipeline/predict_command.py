@@ -36,16 +36,17 @@ def add_predict_parser(commands: Any, config_flags: Any) -> None:
         "predict", help="detect objects in images with a config's trained model",
         description="Detects objects in image files or folders (recursive) with the model the config's pipeline "
                     "trained (its train, proposals and tune outputs in the workdir), or with an MLflow model "
-                    "(--model-uri runs:/<run id>/model). Writes <out>/detections.json (COCO results + "
-                    "file_name) and <out>/drawn/<name>.jpg per image.")
+                    "(--model-uri runs:/<run id>/model or models:/<name>@<alias>). Writes <out>/detections.json "
+                    "(COCO results + file_name) and <out>/drawn/<name>.jpg per image.")
     sub.add_argument("--images", nargs="+", type=Path, required=True, metavar="PATH",
                      help="image files or folders (searched recursively); files that are not images are skipped")
     sub.add_argument("--out", type=Path, required=True, help="output folder")
     sub.add_argument("--threshold", type=float, default=0.5,
                      help="draw detections scoring at least this (default 0.5; detections.json has all)")
     sub.add_argument("--model-uri", default=None,
-                     help="an MLflow model logged by the train stage, e.g. runs:/<run id>/model (tracking URI: "
-                          "MLFLOW_TRACKING_URI, else the workdir's mlflow.db)")
+                     help="an MLflow model logged by the train stage: runs:/<run id>/model, "
+                          "models:/ion-<config>/<version> or models:/ion-<config>@<alias> (tracking URI and Model "
+                          "Registry: MLFLOW_TRACKING_URI, else the workdir's mlflow.db)")
     config_flags(sub)
 
 

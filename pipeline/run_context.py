@@ -26,6 +26,8 @@ class _Tracked(Protocol):
 
     def log_to_model(self, path: Path, relative: str) -> None: ...
 
+    def register_model(self, name: str, tags: Mapping[str, Any]) -> None: ...
+
 
 class _Mapper(Protocol):
     def map(self, fn: Callable[[Any], T], items: Sequence[Any], desc: str, gpu: bool = False) -> list[T]: ...
@@ -36,7 +38,7 @@ class RunContext:
 
     def __init__(self, *, workdir: Path, runtime: RuntimeConfig, run: _Tracked, mapper: _Mapper,
                  stops: StopSignals = NO_SIGNALS, config_text: str = "",
-                 model_run: _Tracked | None = None) -> None:
+                 model_run: _Tracked | None = None, registry: tuple[str, dict] | None = None) -> None:
         self.workdir = workdir
         self.runtime = runtime
         self._run = run
@@ -44,9 +46,12 @@ class RunContext:
         self._stops = stops
         self._config_text = config_text
         self._model_run = model_run  # the run that produced the train output, when there is one
+        self._registry = registry  # (registered model name, version tags) for the model this stage logs
 
     def log_model(self, artifacts: dict[str, Path]) -> None:
         self._run.log_model(artifacts, self._config_text)
+        if self._registry is not None:
+            self._run.register_model(*self._registry)
 
     def link_to_model(self, path: Path, relative: str) -> None:
         if self._model_run is None:

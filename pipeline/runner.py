@@ -23,7 +23,8 @@ from pipeline.run_context import RunContext
 from ion.schema import to_plain, to_yaml
 from pipeline.stopping import NO_SIGNALS, StopSignals
 from pipeline.store import MANIFEST, ArtifactStore
-from pipeline.tracking import FAILED, FINISHED, KILLED, TrackedRun, Tracker, ui_hint
+from pipeline.tracking import CODE_VERSION_TAG, FAILED, FINISHED, KILLED, TrackedRun, Tracker, ui_hint
+from pipeline.registry import registered_model_name
 from stages.contract import StageResult
 
 PLOTS_DIR = "plots"
@@ -52,6 +53,7 @@ class RunReport:
     tracking_uri: str
     experiment: str
     parent_run_id: str
+    experiment_id: str | None = None  # None when the store never answered
     pending_records: int = 0  # tracking records MLflow did not take, kept in pending_path
     pending_path: Path | None = None
     tracking_error: str | None = None
@@ -148,11 +150,14 @@ def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], 
         raise
     finally:
         cluster.close()
-    parent.log_metrics(headline_metrics(outcomes))
+    headline = headline_metrics(outcomes)
+    parent.log_metrics(headline)
+    _tag_registered_model(cfg, tracker, store, keys, headline)
     parent.finish(FINISHED)
     pending = tracker.flush_pending()
     return RunReport(outcomes=outcomes, workdir=workdir, tracking_uri=tracker.tracking_uri,
-                     experiment=cfg.name, parent_run_id=parent.run_id, pending_records=pending,
+                     experiment=tracker.experiment_name, experiment_id=tracker.known_experiment_id(),
+                     parent_run_id=parent.run_id, pending_records=pending,
                      pending_path=tracker.pending.path, tracking_error=tracker.offline_error)
 
 
@@ -176,7 +181,10 @@ def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], material: dict, st
         run.log_params({name: to_plain(getattr(cfg, name)) for name in stage.reads})
         run.log_text(config_text, "config.yaml")
         ctx = RunContext(workdir=store.workdir, runtime=cfg.runtime, run=run, mapper=cluster, stops=stops,
-                         config_text=config_text, model_run=_model_run(tracker, store, keys))
+                         config_text=config_text, model_run=_model_run(tracker, store, keys),
+                         registry=(registered_model_name(cfg),
+                                   {"cache_key": key, CODE_VERSION_TAG: tracker.common_tags[CODE_VERSION_TAG],
+                                    "config": cfg.name}))
         inputs = {name: store.path(name, keys[name]) for name in stage.upstream}
         begun = time.perf_counter()
         emit(f"stage {stage.name}: started (key {key[:SHORT_KEY]})")
@@ -218,6 +226,15 @@ def _model_run(tracker: Tracker, store: ArtifactStore, keys: dict[str, str]) -> 
     manifest = store.manifest(MODEL_STAGE, keys[MODEL_STAGE]) if MODEL_STAGE in keys else None
     run_id = manifest.get("mlflow_run_id") if manifest else None
     return tracker.run(run_id) if run_id else None
+
+
+def _tag_registered_model(cfg: Any, tracker: Tracker, store: ArtifactStore, keys: dict[str, str],
+                          headline: dict[str, float]) -> None:
+    """The test AP of this config's trained detector on its Model Registry version."""
+    scores = {k: f"{headline[k]:.4g}" for k in ("test_AP", "test_AP50") if k in headline}
+    model_run = _model_run(tracker, store, keys) if scores else None
+    if model_run is not None:
+        model_run.tag_model_versions(registered_model_name(cfg), scores)
 
 
 def headline_metrics(outcomes: Sequence[StageOutcome]) -> dict[str, float]:
@@ -272,7 +289,7 @@ def format_summary(report: RunReport) -> str:
         lines.extend(f"    {text}" for text in o.summary[:_SUMMARY_LINES])
     lines += ["", f"outputs: {report.workdir / 'artifacts'}/<stage>/<key>/",
               f"MLflow:  experiment {report.experiment!r}, run {report.parent_run_id}",
-              f"         {ui_hint(report.tracking_uri)}"]
+              f"         {ui_hint(report.tracking_uri, report.experiment_id)}"]
     if report.pending_records:
         lines.append(f"         {report.pending_records} tracking record(s) not sent ({report.tracking_error}): kept "
                      f"in {report.pending_path}, sent by the next run once MLflow answers")

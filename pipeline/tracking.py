@@ -1,6 +1,6 @@
 """MLflow adapter: the only module that imports mlflow.
 
-One experiment per config name (tagged as a model-development experiment, so
+One experiment per config name, `ion-<name>` (tagged as a model-development experiment, so
 `mlflow ui` opens on its training runs); one parent run per `pipeline run`
 invocation, named `<config name>: <stages>`, holding the headline results;
 one nested child run per stage (tags stage, cache_key, cache_hit; a cached
@@ -61,8 +61,8 @@ from pipeline.pending import PendingRecords  # noqa: E402
 from pipeline.runtime import MLFLOW_DB, TRACKING_URI_ENV, tracking_uri_for  # noqa: E402
 from ion.schema import flatten  # noqa: E402
 
-__all__ = ["FAILED", "FINISHED", "KILLED", "TrackedRun", "Tracker", "download_artifacts", "run_by_id",
-           "tracking_uri_for", "ui_hint"]
+__all__ = ["FAILED", "FINISHED", "KILLED", "TrackedRun", "Tracker", "download_artifacts", "experiment_name",
+           "run_by_id", "tracking_uri_for", "ui_hint"]
 
 ARTIFACTS_DIR = "mlartifacts"
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
@@ -72,11 +72,30 @@ CONFIG_SHA_TAG = "config_sha256"
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
-def ui_hint(tracking_uri: str) -> str:
-    """The line that shows the runs: an `mlflow ui` command, or the server's address."""
+# Prefixed so that no experiment of ours reads like MLflow's own "Default" (a config named default).
+EXPERIMENT_PREFIX = "ion-"
+UI_PORT = 5000  # `mlflow ui`'s default port
+
+
+def experiment_name(name: str) -> str:
+    """The MLflow experiment of config (or command) `name`: ion-<name>."""
+    return f"{EXPERIMENT_PREFIX}{name}"
+
+
+def runs_url(base: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's runs table (MLflow 3 opens on an overview otherwise)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+
+
+def ui_hint(tracking_uri: str, experiment_id: str | None = None) -> str:
+    """The line that shows the runs: an `mlflow ui` command and the runs table's address,
+    or the server's."""
     if tracking_uri.startswith(("http://", "https://")):
-        return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri}"
+        return f"open {runs_url(tracking_uri, experiment_id) if experiment_id else tracking_uri}"
+    command = f"mlflow ui --backend-store-uri {tracking_uri} --port {UI_PORT}"
+    if experiment_id is None:
+        return command
+    return f"{command}, then open {runs_url(f'http://127.0.0.1:{UI_PORT}', experiment_id)}"
 
 
 def _clip(text: str, limit: int) -> str:
@@ -173,6 +192,16 @@ class TrackedRun:
         self._tracker.send({"op": "artifact", "run": self.run_id, "path": str(target), "dir": folder,
                             "remove": str(staging)})
 
+    def register_model(self, name: str, tags: Mapping[str, Any]) -> None:
+        """A new version of registered model `name` from this run's model folder (pipeline/registry.py)."""
+        self._tracker.send({"op": "register", "run": self.run_id, "name": name,
+                            "tags": {k: _clip(str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}})
+
+    def tag_model_versions(self, name: str, tags: Mapping[str, Any]) -> None:
+        """Tag the versions of `name` registered from this run (the evaluate stage's AP)."""
+        self._tracker.send({"op": "version_tags", "run": self.run_id, "name": name,
+                            "tags": {k: _clip(str(v), MAX_TAG_VAL_LENGTH) for k, v in tags.items()}})
+
     def finish(self, status: str, error: str | None = None) -> None:
         if error is not None:
             self.set_tags({"error": error})
@@ -219,7 +248,7 @@ class Tracker:
     def __init__(self, *, tracking_uri: str, experiment: str, workdir: Path,
                  config_file: Path | None = None) -> None:
         self.tracking_uri = tracking_uri
-        self._experiment_name = experiment
+        self.experiment_name = experiment_name(experiment)
         self._workdir = Path(workdir).resolve()
         self.pending = PendingRecords(self._workdir)
         self.text_dir = self._workdir / "mlflow_texts"
@@ -302,7 +331,11 @@ class Tracker:
         # With the default sqlite store, artifacts go beside it in the workdir (MLflow's
         # own default is ./mlruns in whatever directory the command ran from).
         artifact_uri = (self._workdir / ARTIFACTS_DIR).as_uri() if self._local else None
-        return self._experiment(self._experiment_name, artifact_uri)
+        return self._experiment(self.experiment_name, artifact_uri)
+
+    def known_experiment_id(self) -> str | None:
+        """The experiment's id when the store gave it (None for a run that stayed offline)."""
+        return self.__dict__.get("experiment_id")
 
     def _experiment(self, name: str, artifact_uri: str | None) -> str:
         found = self._client.get_experiment_by_name(name)
@@ -403,6 +436,11 @@ class Tracker:
                 self._client.log_artifact(run, str(path), artifact_path=record["dir"])
             if record.get("remove"):
                 _remove_tree(Path(record["remove"]))
+        elif op in ("register", "version_tags"):
+            from pipeline import registry
+
+            act = registry.register_version if op == "register" else registry.tag_versions
+            act(self._client, run_id=run, name=record["name"], tags=record["tags"])
         elif op == "terminate":
             self._client.set_terminated(run, status=record["status"], end_time=record["end"])
         return run
@@ -429,14 +467,17 @@ def _drop_migration_leftovers(db: Path) -> bool:
     return bool(names)
 
 def download_artifacts(uri: str, dst: Path, *, tracking_uri: str) -> Path:
-    """Download an artifact folder (`runs:/<run id>/model`) into `dst`; UserError naming the URI."""
+    """Download an artifact folder (`runs:/<run id>/model`, `models:/<name>/<version>`,
+    `models:/<name>@<alias>`) into `dst`; UserError naming the URI. The Model Registry
+    is the tracking store's."""
     import mlflow.artifacts
 
     Path(dst).mkdir(parents=True, exist_ok=True)
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
-                                                        tracking_uri=tracking_uri))
+                                                        tracking_uri=tracking_uri, registry_uri=tracking_uri))
     except (MlflowException, OSError) as err:
         raise UserError(f"--model-uri {uri}: cannot download it from {tracking_uri} ({_clip(str(err), 300)}); "
-                        f"give runs:/<run id>/model of a train stage run (MLFLOW_TRACKING_URI or --workdir "
-                        f"chooses the store)") from None
+                        f"give runs:/<run id>/model of a train stage run or models:/ion-<config>/<version> "
+                        f"(or @<alias>) of the Model Registry (MLFLOW_TRACKING_URI or --workdir chooses the "
+                        f"store)") from None

@@ -246,14 +246,14 @@ def test_ablations_command_end_to_end(smoke_run, tmp_path, workdir):
 
     # The second variant reused the first one's data and proposals outputs.
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    second = client.get_experiment_by_name("ablation-global")
+    second = client.get_experiment_by_name("ion-ablation-global")
     hits = {r.data.tags["stage"]: r.data.tags["cache_hit"]
             for r in client.search_runs([second.experiment_id], filter_string="tags.stage != ''")}
     assert hits == {"data": "true", "proposals": "true", "train": "false", "detect": "false", "tune": "false",
                     "evaluate": "false"}
     assert len(list((workdir / "artifacts" / "data").glob("*/manifest.json"))) == 1
 
-    (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
+    (run,) = client.search_runs([client.get_experiment_by_name("ion-" + EXPERIMENT).experiment_id])
     for row in table["rows"]:
         for column, value in row["values"].items():
             if value >= 0:

@@ -102,7 +102,12 @@ def test_smoke_run_of_the_data_stage(tmp_path, capsys):
     assert "Traceback" not in proc.stderr and "WARNING" not in proc.stderr and "INFO" not in proc.stderr
     lines = proc.stdout.splitlines()
     assert any(line.startswith("data       ran") for line in lines)
-    assert f"         mlflow ui --backend-store-uri sqlite:///{tmp_path.resolve()}/mlflow.db" in lines
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve()}/mlflow.db").get_experiment_by_name(
+        "ion-smoke")
+    assert (f"         mlflow ui --backend-store-uri sqlite:///{tmp_path.resolve()}/mlflow.db --port 5000, then open "
+            f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs") in lines
 
     key = cache_keys(registered_stages(), load_config(SMOKE, workdir=tmp_path))["data"]
     assert (tmp_path / "artifacts" / "data" / key / "manifest.json").is_file()

@@ -1,5 +1,6 @@
 """The CLI on a Ray cluster started separately (`ray start --head`), as the README's
-"Running on a Ray cluster" describes: RAY_ADDRESS makes the stages run there.
+"Running on a Ray cluster" describes: RAY_ADDRESS makes the stages run there,
+and `ray job submit --working-dir .` runs the whole command there.
 
 The head is this module's own: its own ports, temp dir and process session, with
 a token of its own (RAY_AUTH_TOKEN, never ~/.ray). It is stopped by killing that
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -43,6 +45,7 @@ pytestmark = [
 @dataclass(frozen=True)
 class Head:
     address: str  # what RAY_ADDRESS gets: 127.0.0.1:<GCS port>
+    dashboard: str  # what `ray job` commands get: http://127.0.0.1:<dashboard port>
     auth_env: dict[str, str]  # what a driver needs to join (token authentication)
 
 
@@ -99,11 +102,11 @@ def _stop_head(sid: int, temp_dir: str) -> list[int]:
 def head() -> Iterator[Head]:
     # Short: Ray's unix socket paths live under it and are limited to ~107 bytes.
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    port = _free_port()
+    port, dashboard_port = _free_port(), _free_port()
     auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     command = [str(RAY_EXE), "start", "--head", f"--port={port}", f"--num-cpus={HEAD_CPUS}", "--num-gpus=0",
                # the dashboard serves the state API (list_jobs/list_tasks) the test asks
-               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={_free_port()}",
+               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
                f"--ray-client-server-port={_free_port()}", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
     # A session of its own: every process of this head (and its workers) carries its id.
     proc = subprocess.Popen(command, env={**_base_env(), **auth_env}, start_new_session=True,
@@ -116,7 +119,7 @@ def head() -> Iterator[Head]:
             output, _ = proc.communicate()
             pytest.fail(f"`ray start --head` did not finish in 180 s:\n{output[-3000:]}")
         assert proc.returncode == 0, f"`ray start --head` failed ({proc.returncode}):\n{output[-3000:]}"
-        yield Head(address=f"127.0.0.1:{port}", auth_env=auth_env)
+        yield Head(address=f"127.0.0.1:{port}", dashboard=f"http://127.0.0.1:{dashboard_port}", auth_env=auth_env)
     finally:
         left = _stop_head(proc.pid, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -186,3 +189,29 @@ def test_a_ray_address_where_nothing_listens_exits_2_naming_it(workdir):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr == (f"error: RAY_ADDRESS={address}: cannot reach the Ray cluster (Connection refused); "
                            "start it (ray start --head) or unset RAY_ADDRESS to run on a local Ray instance\n")
+
+
+def test_ray_job_submit_with_the_project_as_working_dir(head, workdir):
+    """The README's Ray Jobs commands: submit with the project as the working dir (its
+    .rayignore keeps .git out), follow the logs, read the status; the workdir is an
+    absolute path, where the job's outputs and MLflow store land."""
+    env = {**_base_env(), **head.auth_env}
+
+    def job(command: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([str(RAY_EXE), "job", command, "--address", head.dashboard, *args], cwd=PROJECT,
+                              env=env, capture_output=True, text=True, timeout=timeout)
+
+    # The cluster's Python runs the entrypoint (the README's `python`: the one the cluster has).
+    submitted = job("submit", "--no-wait", "--working-dir", ".", "--", sys.executable, "-m", "pipeline", "run",
+                    "--config", "configs/smoke.yaml", "--workdir", str(workdir), "--stages", "data")
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", submitted.stdout + submitted.stderr)
+    assert job_id, submitted.stdout + submitted.stderr
+    logs = job("logs", "-f", job_id.group(1), timeout=300)  # returns when the job ends
+    status = job("status", job_id.group(1))
+    assert f"Job '{job_id.group(1)}' succeeded" in status.stdout, logs.stdout[-3000:] + status.stdout
+    assert "ray: joined the cluster at " in logs.stdout  # the job's cluster, not a Ray of its own
+    assert "data       ran" in logs.stdout, logs.stdout[-3000:]
+    key = next(workdir.glob("artifacts/data/*/manifest.json"))
+    assert json.loads(key.read_text())["mlflow_run_id"]
+    assert (workdir / "mlflow.db").is_file()

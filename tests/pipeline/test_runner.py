@@ -29,7 +29,7 @@ def client(workdir: Path) -> MlflowClient:
 
 def runs_by_stage(workdir: Path, parent_run_id: str) -> dict[str, object]:
     c = client(workdir)
-    experiment = c.get_experiment_by_name("fake")
+    experiment = c.get_experiment_by_name("ion-fake")
     runs = c.search_runs([experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
     return {r.data.tags["stage"]: r for r in runs}
 
@@ -53,7 +53,9 @@ def test_first_run_produces_then_rerun_reuses(workdir):
     assert second.outcomes[2].metrics == {"three_value": 21.0}  # headline metrics come from the manifest
     summary = format_summary(second)
     assert "three      cached" in summary and "three_value 21" in summary and "three doubled it" in summary
-    assert f"mlflow ui --backend-store-uri sqlite:///{workdir.resolve()}/mlflow.db" in summary
+    experiment = client(workdir).get_experiment_by_name("ion-fake")
+    assert (f"mlflow ui --backend-store-uri sqlite:///{workdir.resolve()}/mlflow.db --port 5000, then open "
+            f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs") in summary
 
 
 def test_changing_a_read_value_reruns_that_stage_and_downstream_only(workdir):
@@ -80,7 +82,7 @@ def test_missing_upstream_stops_before_any_work(workdir):
     assert str(err.value) == (f"stage 'three' needs the output of 'two' (key {keys['two'][:12]}) which is missing: "
                               "run python -m pipeline run --stages one,two,three (or --stages all)")
     assert not (workdir / "artifacts").exists()
-    assert client(workdir).get_experiment_by_name("fake") is None  # MLflow was not touched either
+    assert client(workdir).get_experiment_by_name("ion-fake") is None  # MLflow was not touched either
 
     run(cfg, "one")
     with pytest.raises(UserError, match=r"missing: run python -m pipeline run --stages two,three \(or"):
@@ -108,7 +110,7 @@ def test_stage_that_raises_leaves_no_manifest_and_the_rerun_resumes(workdir, mon
     assert sorted(p.name for p in out.iterdir()) == ["piece0.json", "piece1.json"]
 
     c = client(workdir)
-    experiment = c.get_experiment_by_name("fake")
+    experiment = c.get_experiment_by_name("ion-fake")
     (failed,) = c.search_runs([experiment.experiment_id], filter_string="tags.stage = 'one'")
     assert failed.info.status == "FAILED"
     assert failed.data.tags["error"] == "RuntimeError: stage one failed on purpose"
@@ -184,7 +186,7 @@ def test_mlflow_parent_and_child_runs(workdir):
     first = run(cfg)
     second = run(cfg, "two,three")
     c = client(workdir)
-    experiment = c.get_experiment_by_name("fake")
+    experiment = c.get_experiment_by_name("ion-fake")
     assert experiment.artifact_location == (workdir.resolve() / "mlartifacts").as_uri()
 
     parent = c.get_run(first.parent_run_id)

@@ -54,7 +54,7 @@ def test_two_workers_log_losses_while_training_and_print_progress(smoke_run, tmp
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    [experiment] = [e for e in client.search_experiments() if e.name == "smoke"]
+    [experiment] = [e for e in client.search_experiments() if e.name == "ion-smoke"]
     [run] = client.search_runs([experiment.experiment_id], "tags.stage = 'train'")
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, total + 1))  # log_every 1, each step once

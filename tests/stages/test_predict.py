@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -89,7 +90,7 @@ def test_smoke_run_logs_model_code_version_and_headline_results(smoke_run, tmp_p
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{smoke_run.workdir / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(smoke_run.cfg.name)
+    experiment = client.get_experiment_by_name(f"ion-{smoke_run.cfg.name}")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([experiment.experiment_id])
     assert runs and all(r.data.tags.get("code_version") for r in runs)
@@ -110,8 +111,8 @@ def test_smoke_run_logs_model_code_version_and_headline_results(smoke_run, tmp_p
     tuned = json.loads((smoke_run.dirs["tune"] / "best.json").read_text())
     assert model.unwrap_python_model().predictor.thresholds["nms_iou"] == tuned["nms_iou"]
     photo = _photos(tmp_path, 1)[0]
-    frame = model.predict([str(photo)])
-    assert list(frame.columns) == ["file_name", "image_id", "category_id", "category", "bbox", "score"]
+    frame = model.predict(pd.DataFrame({"path": [str(photo)]}))
+    assert list(frame.columns) == ["file_name", "image_id", "category_id", "category", "bbox", "score", "error"]
     assert set(frame["file_name"]) <= {str(photo)}
 
 
