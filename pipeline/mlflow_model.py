@@ -33,10 +33,12 @@ import base64
 import binascii
 import logging
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 
 ARTIFACT_MODEL_JSON = "model.json"
 ARTIFACT_WEIGHTS = "final.pt"
@@ -47,10 +49,10 @@ THRESHOLDS_PATH = "thresholds/best.json"  # inside the model folder
 PROJECT_PACKAGES = ("ion", "proposals", "stages", "pipeline")
 COLUMNS = ["file_name", "image_id", "category_id", "category", "bbox", "score", "error"]
 # What loading and predicting import (checked by tests/stages/test_mlflow_model.py in a
-# fresh process); MLflow adds itself. Stated, not inferred: inferring imports the model
+# fresh process; tqdm: mlflow.pyfunc imports it without requiring it); MLflow adds itself. Stated, not inferred: inferring imports the model
 # in a subprocess, which takes seconds.
 REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "opencv-contrib-python-headless", "pyyaml", "scipy",
-                "h5py", "pycocotools", "filelock", "pandas")
+                "h5py", "pycocotools", "filelock", "pandas", "tqdm")
 
 
 def model_files(model_root: Path) -> tuple[dict[str, Path], dict | None]:
@@ -115,9 +117,9 @@ class IonDetectorModel(mlflow.pyfunc.PythonModel):
         self.predictor, self.notes = make_predictor(cfg, model_dir=artifacts[ARTIFACT_MODEL_JSON].parent,
                                                     rpn_weights=artifacts.get(ARTIFACT_RPN), best=best)
 
-    def predict(self, context, model_input, params=None):  # no type hints: MLflow would read a schema from them
-        import pandas as pd
-
+    # A DataFrame hint: MLflow infers no schema from it (the signature states one) and does not
+    # warn, on every load, that the input has no type hint.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         from ion.errors import UserError
         from ion.evaluation.results import to_coco_results
         from stages.predict_images import _models, detect_image
@@ -191,12 +193,15 @@ def save_detector_model(path: Path, artifacts: dict[str, Path], config_text: str
         requirements = [f"{name}=={importlib.metadata.version(name)}" for name in REQUIREMENTS if _installed(name)]
         # MLflow warns on every save that a pickled PythonModel runs code when loaded; ours is
         # a class of this project, loaded only from runs the user's own pipeline logged.
+        # Nor its advice on type hints and input examples: the signature is stated (signature()).
         logger = logging.getLogger("mlflow.pyfunc")
         level = logger.level
         logger.setLevel(logging.ERROR)
         try:
-            mlflow.pyfunc.save_model(str(path), python_model=IonDetectorModel(), artifacts=files,
-                                     code_paths=code, pip_requirements=requirements, signature=signature())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                mlflow.pyfunc.save_model(str(path), python_model=IonDetectorModel(), artifacts=files,
+                                         code_paths=code, pip_requirements=requirements, signature=signature())
         finally:
             logger.setLevel(level)
     return path

@@ -28,19 +28,20 @@ SERVE_DEADLINE_S = 300  # start-up: imports, the model download, torch; generous
 # Run by `python -I` (no PYTHONPATH, no current folder on sys.path): drops the editable
 # install's finder and any path of a checkout, so the project can come only from the model.
 ISOLATED = r'''
-import importlib.metadata as md, importlib.util, json, sys
+import importlib.metadata as md, importlib.util, json, os, sys
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 uri, dst, photo, *roots = sys.argv[1:]
 sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
-sys.path[:] = [p for p in sys.path if "__editable__" not in p and not any(p.startswith(r) for r in roots)]
+sys.path[:] = [p for p in sys.path if "__editable__" not in p and os.path.realpath(p or ".") not in roots]
 before = [name for name in ("pipeline", "stages", "proposals", "ion") if importlib.util.find_spec(name)]
 
 import mlflow.artifacts, mlflow.pyfunc
 import pandas as pd
 
 local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+fetched = set(sys.modules)  # what reading the tracking store took (not the model's to need)
 model = mlflow.pyfunc.load_model(local)
 by_path = model.predict(pd.DataFrame({"path": [photo]}))
 data = open(photo, "rb").read()
@@ -49,7 +50,7 @@ files = {name: sys.modules[name].__file__ for name in
          ("pipeline.mlflow_model", "stages.predict_images", "proposals.mix", "ion.data.images")}
 
 # Every distribution the process imported is a requirement of the model or one's dependency.
-wanted, todo = set(), [Requirement(line).name for line in open(f"{local}/requirements.txt")
+wanted, todo = set(), [Requirement(line.strip()).name for line in open(f"{local}/requirements.txt")
                        if line.strip() and not line.startswith("#")]
 while todo:
     name = canonicalize_name(todo.pop())
@@ -60,9 +61,17 @@ while todo:
         todo += [Requirement(r).name for r in md.requires(name) or () if "extra ==" not in r]
     except md.PackageNotFoundError:
         pass
-owners = md.packages_distributions()
-used = {canonicalize_name(d) for m in list(sys.modules) for d in owners.get(m.split(".")[0], ())}
-unlisted = sorted(used - wanted - {"ion-pipeline"})
+owner = {}  # installed file -> its distribution (by file: namespace packages such as google.* span several)
+for dist in md.distributions():
+    for f in dist.files or ():
+        if f.suffix in (".py", ".so"):
+            owner[os.path.realpath(dist.locate_file(f))] = canonicalize_name(dist.metadata["Name"])
+used = {}
+for name, module in [(n, m) for n, m in list(sys.modules.items()) if n not in fetched]:
+    found = owner.get(os.path.realpath(getattr(module, "__file__", None) or "/"))
+    if found:
+        used.setdefault(found, name)
+unlisted = sorted(f"{d} ({m})" for d, m in used.items() if d not in wanted | {"ion-pipeline"})
 print(json.dumps({"before": before, "local": local, "files": files, "unlisted": unlisted,
                   "by_path": by_path.to_dict("records"), "by_bytes": by_bytes.to_dict("records")}))
 '''
@@ -75,6 +84,8 @@ def _train_run(smoke_run) -> str:
 def _tracking_env(smoke_run) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{smoke_run.workdir / 'mlflow.db'}"
+    # `mlflow models serve` runs `uvicorn` from PATH: the environment's, as an activated one has it
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 
