@@ -76,3 +76,12 @@ def tag_versions(client: MlflowClient, *, run_id: str, name: str, tags: Mapping[
 
 def _quoted(text: str) -> str:
     return text.replace("'", "\\'")
+
+
+def version_source(client: MlflowClient, uri: str) -> str:
+    """Where the model of `models:/<name>/<version>` or `models:/<name>@<alias>` lives in the
+    tracking store `client` reads (MLflow's own download would ask the default registry instead)."""
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    name, version = get_model_name_and_version(client, uri)
+    return client.get_model_version_download_uri(name, version)

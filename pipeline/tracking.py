@@ -474,8 +474,13 @@ def download_artifacts(uri: str, dst: Path, *, tracking_uri: str) -> Path:
 
     Path(dst).mkdir(parents=True, exist_ok=True)
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
-                                                        tracking_uri=tracking_uri, registry_uri=tracking_uri))
+        source = uri
+        if uri.startswith("models:/"):
+            from pipeline.registry import version_source
+
+            source = version_source(MlflowClient(tracking_uri=tracking_uri), uri)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
+                                                        tracking_uri=tracking_uri))
     except (MlflowException, OSError) as err:
         raise UserError(f"--model-uri {uri}: cannot download it from {tracking_uri} ({_clip(str(err), 300)}); "
                         f"give runs:/<run id>/model of a train stage run or models:/ion-<config>/<version> "

@@ -41,6 +41,7 @@ class Beta:
 @dataclass(frozen=True)
 class FakeConfig:
     name: str = field(default="fake", metadata={"help": "experiment"})
+    registered_model: str = field(default="", metadata={"help": "Model Registry name (pipeline/registry.py)"})
     seed: int = field(default=0, metadata={"help": "seed", "min": 0})
     alpha: Alpha = field(default_factory=Alpha, metadata={"help": "section a"})
     beta: Beta = field(default_factory=Beta, metadata={"help": "section b"})
