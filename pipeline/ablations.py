@@ -307,7 +307,7 @@ def run_ablations(*, configs: Sequence[Path] | None, overrides: Sequence[str], w
     selected = select_stages(stages, stages_spec)
     # mlflow and ray take seconds to import: only once every config is known to be good.
     from pipeline.runner import check_upstream, format_summary, run_stages
-    from pipeline.tracking import FINISHED, Tracker, tracking_uri_for
+    from pipeline.tracking import FINISHED, Tracker, experiment_name, tracking_uri_for
 
     root = Path(variants[0].cfg.runtime.workdir)
     store = ArtifactStore(root)
@@ -333,8 +333,8 @@ def run_ablations(*, configs: Sequence[Path] | None, overrides: Sequence[str], w
     metrics, extra = {}, {}
     for v in variants:
         out, metrics[v.name] = evaluate_metrics(store, v, keys[v.name]["evaluate"])
-        extra[v.name] = {"config": display_path(v.path), "experiment": v.cfg.name, "run_id": runs[v.name],
-                         "evaluate_dir": str(out)}
+        extra[v.name] = {"config": display_path(v.path), "experiment": experiment_name(v.cfg.name),
+                         "run_id": runs[v.name], "evaluate_dir": str(out)}
     changes = {v.name: config_changes(v.cfg, ref.cfg) for v in variants}
     rows = [dataclasses.replace(r, extra=extra[r.variant] if r.setting == FINAL else {})
             for r in build_rows(metrics, changes, ref.name, {v.name: v.cfg.ablation for v in variants})]
