@@ -202,8 +202,16 @@ def test_ray_job_submit_with_the_project_as_working_dir(head, workdir):
                               env=env, capture_output=True, text=True, timeout=timeout)
 
     # The cluster's Python runs the entrypoint (the README's `python`: the one the cluster has).
-    submitted = job("submit", "--no-wait", "--working-dir", ".", "--", sys.executable, "-m", "pipeline", "run",
-                    "--config", "configs/smoke.yaml", "--workdir", str(workdir), "--stages", "data")
+    command = ["--no-wait", "--working-dir", ".", "--", sys.executable, "-m", "pipeline", "run", "--config",
+               "configs/smoke.yaml", "--workdir", str(workdir), "--stages", "data"]
+    # A fresh head's job agent may not have registered yet (minutes on a loaded machine): Ray says
+    # to try again.
+    deadline = time.monotonic() + 420
+    while True:
+        submitted = job("submit", *command)
+        if "No available agent to submit job" not in submitted.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     job_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", submitted.stdout + submitted.stderr)
     assert job_id, submitted.stdout + submitted.stderr
