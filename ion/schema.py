@@ -3,7 +3,7 @@
 The one config decoder of the project, generic over any dataclass tree that
 follows the field conventions of docs/CONTRACTS.md (allowed types,
 `help`/`min`/`max`/`path` metadata, every field with a default):
-pipeline/config.py loads run configs with it, the train stage its saved model config.
+pipeline/config/__init__.py loads run configs with it, the train stage its saved model config.
 
 Every error a user can cause is a `UserError` naming where the value was
 stated (the YAML file or the `-o` override) and the dotted key, e.g.

@@ -17,9 +17,9 @@ from ion.errors import UserError
 from pipeline.config import DEFAULT_CONFIG, config_path, config_reference, load_config
 from pipeline.graph import registered_names, registered_stages, select_names, select_stages
 from ion.schema import display_path
-from pipeline.status import format_status, stage_statuses
-from pipeline.stopping import StopSignals
-from pipeline.store import ArtifactStore
+from pipeline.cache.status import format_status, stage_statuses
+from pipeline.execution.stopping import StopSignals
+from pipeline.cache.store import ArtifactStore
 
 EXIT_USER_ERROR = 2
 EXIT_SIGNAL_BASE = 128  # the shell's convention: 130 after SIGINT, 143 after SIGTERM
@@ -59,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("--workdir", type=Path, default=None,
                     help="directory for artifacts (overrides runtime.workdir of the first config)")
     gc.add_argument("--yes", action="store_true", help="delete the listed outputs")
-    from pipeline.predict_command import add_predict_parser
+    from pipeline.commands.predict import add_predict_parser
     add_predict_parser(commands, config_flags)
     ablations = commands.add_parser("ablations", help="run every ablation config, then tabulate their test AP "
-                                                      "(pipeline/ablations.py)")
+                                                      "(pipeline/commands/ablations.py)")
     ablations.add_argument("--configs", nargs="+", type=Path, default=None, metavar="YAML",
                            help="ablation configs (default: configs/ablations/*.yaml of the project, sorted)")
     ablations.add_argument("--reference", default=None, metavar="VARIANT",
@@ -110,10 +110,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # mlflow and ray take seconds to import: only `run` needs them, and only once
     # the config and the stage selection are known to be good.
     from pipeline.runner import format_summary, run_stages
-    from pipeline.tracking import Tracker, tracking_uri_for
+    from pipeline.tracking.client import Tracker, tracking_uri_for
 
-    from pipeline.progress import print_every
-    from pipeline.run_log import RunLog
+    from pipeline.execution.progress import print_every
+    from pipeline.execution.run_log import RunLog
 
     print_every()  # a bad ION_PROGRESS_EVERY fails before any work
     workdir = Path(cfg.runtime.workdir)
@@ -150,7 +150,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_gc(args: argparse.Namespace) -> int:
-    from pipeline.gc import delete_output, format_unused, unused_outputs
+    from pipeline.cache.gc import delete_output, format_unused, unused_outputs
 
     configs = [load_config(c, args.overrides, workdir=args.workdir) for c in (args.configs or [DEFAULT_CONFIG])]
     store = ArtifactStore(Path(configs[0].runtime.workdir))
@@ -162,13 +162,13 @@ def _cmd_gc(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from pipeline.predict_command import run_predict
+    from pipeline.commands.predict import run_predict
 
     return run_predict(args, _load(args))
 
 
 def _cmd_ablations(args: argparse.Namespace) -> int:
-    from pipeline.ablations import run_ablations
+    from pipeline.commands.ablations import run_ablations
 
     run_ablations(configs=args.configs, overrides=args.overrides, workdir=args.workdir, stages_spec=args.stages,
                   reference=args.reference, argv=args.argv, tables=args.tables)
@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USER_ERROR
     # SIGTERM (a scheduler, `kill`) ends a run like Ctrl-C does: at a safe point, the
-    # MLflow runs marked KILLED, Ray shut down (pipeline/stopping.py).
+    # MLflow runs marked KILLED, Ray shut down (pipeline/execution/stopping.py).
     args.stops = StopSignals()
     args.stops.install()
     try:

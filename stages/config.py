@@ -2,7 +2,7 @@
 
 Field conventions (docs/CONTRACTS.md): frozen dataclasses, every field has a
 default and a one-line `help`; `min`/`max` are inclusive bounds checked by the
-loader in pipeline/config.py.
+loader in pipeline/config/__init__.py.
 """
 from __future__ import annotations
 

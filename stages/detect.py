@@ -4,7 +4,7 @@ use (score >= detect.score_thresh), so tune and evaluate never run the network.
 
     <out>/parts/<set>_<split>/       finished shards of images (a killed run resumes; deleted
                                      once the split's stores below are written)
-    <out>/raw_<split>_plain.h5       candidates of the unflipped image (stages/raw_detections.py)
+    <out>/raw_<split>_plain.h5       candidates of the unflipped image (stages/helpers/raw_detections.py)
     <out>/raw_<split>_round1.h5      the unflipped round-1 candidates alone (evaluate's baseline:
                                      one round of box regression, Appendix item 5)
     <out>/raw_<split>_flip.h5        flip-merged candidates (detect.flip)
@@ -25,9 +25,9 @@ from ion.data.split import DetectionSplit
 from ion.inference.predict import predict_raw
 from stages.contract import StageContext, StageResult
 from proposals.store import ProposalStore, Shard, ShardedWriter, remove_parts, write_shard
-from stages.raw_detections import ROUND1, as_item, round_one, write_raw
+from stages.helpers.raw_detections import ROUND1, as_item, round_one, write_raw
 from stages.train import load_trained_detector
-from stages.worker_cache import cached
+from stages.helpers.worker_cache import cached
 
 NAME = "detect"
 VERSION = "2"

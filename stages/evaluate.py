@@ -37,7 +37,7 @@ from ion.evaluation.metrics import IOU_THRESHOLDS, MAX_DETS, CocoMetrics
 from ion.evaluation.results import to_coco_results, validate_results, write_results, write_submission_zip
 from ion.inference.tuning import apply_thresholds
 from stages.contract import StageContext, StageResult
-from stages.raw_detections import ROUND1, iter_raw
+from stages.helpers.raw_detections import ROUND1, iter_raw
 from ion.atomic import write_json_atomic
 
 NAME = "evaluate"

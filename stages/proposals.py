@@ -2,7 +2,7 @@
 for every split, mix them, and report recall (Appendix item 2).
 
     <out>/rpn.pt                          RPN1 + RPN2 heads on one backbone (proposals/rpn/)
-    <out>/rpn_checkpoints/                RPN training checkpoints: a rerun resumes (stages/rpn_training.py)
+    <out>/rpn_checkpoints/                RPN training checkpoints: a rerun resumes (stages/helpers/rpn_training.py)
     <out>/parts/<source>_<split>/         finished shards of per-image work (resume; deleted
                                           once the group's stores for the split are written)
     <out>/sources/<source>_<split>.h5     one proposal store per source and split
@@ -35,8 +35,8 @@ from proposals.rpn.model import VARIANTS, load_rpn
 from proposals.rpn.config import RpnConfig
 from proposals.selective_search import selective_search_isolated
 from proposals.store import ProposalStore, Shard, ShardedWriter, remove_parts, write_shard, write_store
-from stages.rpn_training import train_rpn_stage
-from stages.worker_cache import cached
+from stages.helpers.rpn_training import train_rpn_stage
+from stages.helpers.worker_cache import cached
 from ion.atomic import write_json_atomic
 
 NAME = "proposals"

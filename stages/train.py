@@ -10,7 +10,7 @@
 
 One process (gradient accumulation over the minibatch's images) when
 runtime.train_workers is 1 and there is no GPU; otherwise Ray Train
-(pipeline/train_adapter.py) with runtime.train_workers workers, one GPU each
+(pipeline/cluster/train.py) with runtime.train_workers workers, one GPU each
 when the cluster has GPUs. A rerun with the same cache key resumes from the
 last checkpoint (out/checkpoints/last.pt, or Ray Train's latest) and ends
 exactly where an uninterrupted run would (bitwise on the CPU).
@@ -35,7 +35,7 @@ from ion.data.train_samples import TrainingSamples
 from ion.engine.checkpoint import CheckpointFiles, load_checkpoint, write_checkpoint
 from ion.engine.loop import NonFiniteLossError, TrainResult, train
 from stages.contract import StageContext, StageResult, TrainerSetup
-from stages.worker_resume import worker_start
+from stages.helpers.worker_resume import worker_start
 from proposals.store import ProposalStore
 
 NAME = "train"
@@ -160,7 +160,7 @@ def non_finite_message(detail: str) -> str:
 
 
 def train_worker(session, *, cfg, data_dir: str, proposal_files: list[str], fallback_resume: str) -> dict:
-    """A Ray Train worker (pipeline/train_adapter.py runs it on every worker).
+    """A Ray Train worker (pipeline/cluster/train.py runs it on every worker).
     Rank 0 logs the losses to the stage's MLflow run as it trains, and reports
     its progress for the driver to print.
 

@@ -161,7 +161,7 @@ def run(cfg: FakeConfig, spec: str = "all", *, force: bool = False):
     """Run the fake pipeline with its own tracker (as a separate invocation would); the RunReport."""
     from pipeline.graph import select_stages
     from pipeline.runner import run_stages
-    from pipeline.tracking import Tracker, tracking_uri_for
+    from pipeline.tracking.client import Tracker, tracking_uri_for
 
     graph = stages()
     workdir = Path(cfg.runtime.workdir)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.ablations import (ABLATIONS_DIR, EXPERIMENT, build_rows, config_changes, format_markdown,
+from pipeline.commands.ablations import (ABLATIONS_DIR, EXPERIMENT, build_rows, config_changes, format_markdown,
                                 table_metrics)
 from pipeline.cli import main
 from tests.stages.conftest import copy_artifact
@@ -116,7 +116,7 @@ def test_every_ablation_config_names_its_paper_row():
 
 
 def test_tables_option_selects_configs(tmp_path, capsys):
-    from pipeline.ablations import parse_tables, select_tables, load_variants, pick_reference
+    from pipeline.commands.ablations import parse_tables, select_tables, load_variants, pick_reference
 
     variants = load_variants(ABLATION_FILES, [], tmp_path)
     ref = pick_reference(variants, None)

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from ion.errors import UserError
-from pipeline.store import MANIFEST, ArtifactStore, file_sha256
+from pipeline.cache.store import MANIFEST, ArtifactStore, file_sha256
 
 
 def produce(store: ArtifactStore, key: str = "k1") -> None:

@@ -16,11 +16,11 @@ from typing import Iterator
 import pytest
 
 import stages.proposals as proposals_stage
-from pipeline.cluster import shutdown_ray
+from pipeline.cluster.tasks import shutdown_ray
 from pipeline.config import PROJECT_ROOT, Config, load_config
 from pipeline.graph import registered_stages
 from pipeline.runner import RunReport, run_stages
-from pipeline.tracking import Tracker, tracking_uri_for
+from pipeline.tracking.client import Tracker, tracking_uri_for
 
 SMOKE_CONFIG = PROJECT_ROOT / "configs" / "smoke.yaml"
 # The smoke splits hold 8-16 images, fewer than one shard of the stage's default

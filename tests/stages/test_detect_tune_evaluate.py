@@ -29,7 +29,7 @@ from ion.inference.predict import predict_raw
 from ion.inference.tuning import Thresholds, apply_thresholds, objective
 from pipeline.config import PROJECT_ROOT
 from proposals.store import ProposalStore
-from stages.raw_detections import label_names, read_raw
+from stages.helpers.raw_detections import label_names, read_raw
 from stages.train import load_trained_detector
 from tests.stages.conftest import SMOKE_CONFIG, FakeContext, copy_artifact
 

@@ -18,7 +18,7 @@ from ion.data.split import DetectionSplit
 from ion.errors import UserError
 from ion.evaluation.voc_ap import voc_eval
 from pipeline.config import Config, load_config
-from stages.raw_detections import ROUND1, write_raw
+from stages.helpers.raw_detections import ROUND1, write_raw
 from tests.ion.test_voc import OBJECTS_2007, OBJECTS_2012, PHOTOS, _coco_mini, _write_root
 from tests.stages.test_data_stage import FakeContext
 

@@ -1,11 +1,11 @@
-"""stages/predict_images.py without a trained model: what the predictor is made of."""
+"""pipeline/commands/predict_images.py without a trained model: what the predictor is made of."""
 from __future__ import annotations
 
 import pytest
 
 from ion.errors import UserError
 from pipeline.config import load_config
-from stages.predict_images import make_predictor
+from pipeline.commands.predict_images import make_predictor
 
 
 def test_mcg_in_the_test_mix_is_left_out_and_said(tmp_path):

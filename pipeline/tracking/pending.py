@@ -10,7 +10,7 @@ logged is appended here, one JSON record a line, in the order it happened:
     {"op": "artifact", "run": <run id>, "path": <file or folder>, "dir": <artifact dir or null>}
     {"op": "terminate", "run": <run id>, "status": "FINISHED" | "FAILED" | "KILLED", "end": ms}
 
-pipeline/tracking.py replays them at the end of the run and at the start of the
+pipeline/tracking/client.py replays them at the end of the run and at the start of the
 next one; a run created while offline gets its real id then. The file lives in
 the workdir, not in a stage output, so its comings and goings never touch a
 stage's manifest checksums. Several commands may share it: every change holds

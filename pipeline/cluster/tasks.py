@@ -7,7 +7,7 @@ the workdir and the project on PYTHONPATH through the runtime env, so they can
 import stages/, ion/ and proposals/ (on a cluster the project must be at the
 same path on every node, or installed there).
 
-`ray_map` runs `fn(item)` as Ray tasks with progress lines (pipeline/progress.py), results in item order.
+`ray_map` runs `fn(item)` as Ray tasks with progress lines (pipeline/execution/progress.py), results in item order.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import ray
 
+from pipeline import PROJECT_ROOT
 from ion.errors import UserError
-from pipeline.progress import Progress
-from pipeline.runtime import TRACKING_URI_ENV, RuntimeConfig, tracking_uri_for
+from pipeline.execution.progress import Progress
+from pipeline.tracking.uri import TRACKING_URI_ENV, RuntimeConfig, tracking_uri_for
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WORKDIR_ENV = "ION_WORKDIR"
 # Ray >= 2.5x turns token authentication on for every new local instance and
 # warns about it on each start ("Token authentication is enabled for this Ray
@@ -94,7 +94,7 @@ def init_ray(runtime: RuntimeConfig, *, tracking_uri: str | None = None) -> bool
 @contextlib.contextmanager
 def _own_sigterm_handler() -> Iterator[None]:
     """ray.init replaces the driver's SIGTERM handler with a bare sys.exit; keep
-    ours (pipeline/stopping.py: runs marked KILLED, Ray shut down, exit 143)."""
+    ours (pipeline/execution/stopping.py: runs marked KILLED, Ray shut down, exit 143)."""
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
     try:

@@ -1,11 +1,11 @@
 """`python -m pipeline predict --images PATH... --out DIR`: detect objects in any
 images with the model a config's pipeline trained (or an MLflow model,
---model-uri), as the evaluate stage would (stages/predict_images.py).
+--model-uri), as the evaluate stage would (pipeline/commands/predict_images.py).
 
     <out>/detections.json      COCO results (image_id = the image's index in the listing) + file_name
     <out>/drawn/<name>.jpg     each image with its detections scoring >= --threshold
 
-Images go to Ray tasks (pipeline/cluster.py) a chunk at a time and results are
+Images go to Ray tasks (pipeline/cluster/tasks.py) a chunk at a time and results are
 streamed into detections.json, so memory stays bounded for thousands of photos.
 """
 from __future__ import annotations
@@ -98,8 +98,8 @@ def _from_workdir(cfg: Any, args: argparse.Namespace):
     """(Predictor, notes) from the config's cached train, proposals and tune outputs."""
     from pipeline.cli import run_command
     from pipeline.graph import registered_stages, cache_keys
-    from pipeline.store import ArtifactStore
-    from stages.predict_images import RPN_FILE, THRESHOLDS_FILE, make_predictor
+    from pipeline.cache.store import ArtifactStore
+    from pipeline.commands.predict_images import RPN_FILE, THRESHOLDS_FILE, make_predictor
 
     store = ArtifactStore(Path(cfg.runtime.workdir))
     keys = cache_keys(registered_stages(), cfg)
@@ -119,10 +119,10 @@ def _from_workdir(cfg: Any, args: argparse.Namespace):
 
 
 def _from_mlflow(uri: str, tracking_uri: str, into: Path):
-    """(Predictor, notes) from an MLflow model the train stage logged (pipeline/mlflow_model.py)."""
-    from pipeline.mlflow_model import ARTIFACT_CONFIG, ARTIFACT_MODEL_JSON, ARTIFACT_RPN, config_of, model_files
-    from pipeline.tracking import download_artifacts
-    from stages.predict_images import make_predictor
+    """(Predictor, notes) from an MLflow model the train stage logged (pipeline/tracking/model.py)."""
+    from pipeline.tracking.model import ARTIFACT_CONFIG, ARTIFACT_MODEL_JSON, ARTIFACT_RPN, config_of, model_files
+    from pipeline.tracking.client import download_artifacts
+    from pipeline.commands.predict_images import make_predictor
 
     files, best = model_files(download_artifacts(uri, into / "model", tracking_uri=tracking_uri))
     if ARTIFACT_MODEL_JSON not in files or ARTIFACT_CONFIG not in files:
@@ -137,9 +137,9 @@ def _from_mlflow(uri: str, tracking_uri: str, into: Path):
 
 
 def run_predict(args: argparse.Namespace, cfg: Any) -> int:
-    from pipeline.cluster import Cluster
-    from pipeline.runtime import tracking_uri_for
-    from stages.predict_images import PredictTask
+    from pipeline.cluster.tasks import Cluster
+    from pipeline.tracking.uri import tracking_uri_for
+    from pipeline.commands.predict_images import PredictTask
 
     images, skipped = list_images(args.images)
     if skipped:
@@ -178,7 +178,7 @@ def run_predict(args: argparse.Namespace, cfg: Any) -> int:
 def _stream(tasks: list, cluster: Any, path: Path, *, total: int, chunk: int) -> int:
     """Run `tasks` a chunk at a time, writing each chunk's results to `path` (a JSON list) as it
     comes; the file appears, complete, only at the end."""
-    from stages.predict_images import predict_task
+    from pipeline.commands.predict_images import predict_task
 
     count = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f, \

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from filelock import FileLock, Timeout
 
 from pipeline.graph import SHORT_KEY, Stage, cache_keys
-from pipeline.store import MANIFEST, ArtifactStore
+from pipeline.cache.store import MANIFEST, ArtifactStore
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Python logging, in <workdir>/logs/run-<UTC time>-<pid>.log.
     with RunLog(workdir) as log:
         ...                     # print() and logging reach the terminal and log.path
 
-Terminal redraws of progress bars go to the terminal only (pipeline/progress.py
+Terminal redraws of progress bars go to the terminal only (pipeline/execution/progress.py
 writes them to `sys.stdout.terminal`); full lines reach both.
 """
 from __future__ import annotations

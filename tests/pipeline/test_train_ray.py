@@ -1,4 +1,4 @@
-"""The training loop under Ray Train (pipeline/train_adapter.py): 2 CPU workers
+"""The training loop under Ray Train (pipeline/cluster/train.py): 2 CPU workers
 (gloo) against 1 process with accumulation, and a worker that dies mid-run."""
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 from ion.engine.checkpoint import CheckpointFiles, load_checkpoint
 
 from ion.engine.loop import train
-from pipeline.cluster import init_ray, shutdown_ray
+from pipeline.cluster.tasks import init_ray, shutdown_ray
 from stages.contract import RuntimeConfig
-from pipeline.train_adapter import TrainerSetup, run_trainer
+from pipeline.cluster.train import TrainerSetup, run_trainer
 from stages.train_config import PhaseConfig
-from tests.stages.test_train_loop import NUM_IMAGES, TinyDetector, tiny_sample
+from tests.ion.test_train_loop import NUM_IMAGES, TinyDetector, tiny_sample
 
 PHASES = (
     PhaseConfig(name="first", iterations=4, frozen=("conv1",), lr_start=0.05, lr_end=0.01),

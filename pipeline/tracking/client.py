@@ -5,9 +5,9 @@ One experiment per config name (tagged as a model-development experiment, so
 invocation, named `<config name>: <stages>`, holding the headline results;
 one nested child run per stage (tags stage, cache_key, cache_hit; a cached
 stage's run points to the run that produced the output with `produced_by`).
-Every run is tagged with the code version (pipeline/code_version.py) and the
+Every run is tagged with the code version (pipeline/tracking/code_version.py) and the
 config file's sha256. The train stage's run holds the detector as an MLflow
-model (pipeline/mlflow_model.py).
+model (pipeline/tracking/model.py).
 Uses `MlflowClient` with explicit run ids, no global active-run state, so one
 client (one import, one set of sqlite migrations) serves the whole invocation.
 
@@ -16,7 +16,7 @@ file lock, so commands started together do not race through MLflow's
 migrations; a tracking server is probed before any stage starts
 (`check_reachable`); a store that stops answering mid-run does not stop the
 stages: what they log is kept in `<workdir>/mlflow_pending.jsonl`
-(pipeline/pending.py) and sent at the end of the run or by the next one.
+(pipeline/tracking/pending.py) and sent at the end of the run or by the next one.
 """
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH  # noqa: E402
 
 from ion.errors import UserError  # noqa: E402
-from pipeline.code_version import code_version  # noqa: E402
-from pipeline.pending import PendingRecords  # noqa: E402
-from pipeline.runtime import MLFLOW_DB, TRACKING_URI_ENV, tracking_uri_for  # noqa: E402
+from pipeline.tracking.code_version import code_version  # noqa: E402
+from pipeline.tracking.pending import PendingRecords  # noqa: E402
+from pipeline.tracking.uri import MLFLOW_DB, TRACKING_URI_ENV, tracking_uri_for  # noqa: E402
 from ion.schema import flatten  # noqa: E402
 
 __all__ = ["FAILED", "FINISHED", "KILLED", "TrackedRun", "Tracker", "download_artifacts", "run_by_id",
@@ -152,8 +152,8 @@ class TrackedRun:
         self._tracker.send({"op": "artifact", "run": self.run_id, "path": str(path), "dir": artifact_dir})
 
     def log_model(self, artifacts: Mapping[str, Path], config_text: str) -> None:
-        """The detector as an MLflow pyfunc model under `model/` (pipeline/mlflow_model.py)."""
-        from pipeline.mlflow_model import MODEL_ARTIFACT_PATH, save_detector_model
+        """The detector as an MLflow pyfunc model under `model/` (pipeline/tracking/model.py)."""
+        from pipeline.tracking.model import MODEL_ARTIFACT_PATH, save_detector_model
 
         # Built in the workdir, not a temporary folder: a kept record must point at something that stays.
         staging = self._tracker.text_dir / uuid.uuid4().hex
@@ -163,7 +163,7 @@ class TrackedRun:
 
     def log_to_model(self, path: Path, relative: str) -> None:
         """Put a file into this run's model folder at `relative` (e.g. thresholds/best.json)."""
-        from pipeline.mlflow_model import MODEL_ARTIFACT_PATH
+        from pipeline.tracking.model import MODEL_ARTIFACT_PATH
 
         staging = self._tracker.text_dir / uuid.uuid4().hex
         staging.mkdir(parents=True, exist_ok=True)
@@ -181,10 +181,10 @@ class TrackedRun:
 
 def run_by_id(run_id: str) -> TrackedRun:
     """An existing run, from another process (a Ray Train worker): the store is
-    MLFLOW_TRACKING_URI, which pipeline/cluster.py gives every Ray worker."""
+    MLFLOW_TRACKING_URI, which pipeline/cluster/tasks.py gives every Ray worker."""
     uri = os.environ.get(TRACKING_URI_ENV)
     if not uri:
-        raise RuntimeError(f"{TRACKING_URI_ENV} is not set in this worker (pipeline/cluster.py's runtime env sets it)")
+        raise RuntimeError(f"{TRACKING_URI_ENV} is not set in this worker (pipeline/cluster/tasks.py's runtime env sets it)")
     return TrackedRun(_WorkerStore(MlflowClient(tracking_uri=uri)), run_id)
 
 

@@ -1,6 +1,6 @@
 """The version of the code a run used: the git commit of the project checkout
 (with `-dirty` when tracked files differ from it), else the installed package's
-version. Tagged on every MLflow run (pipeline/tracking.py)."""
+version. Tagged on every MLflow run (pipeline/tracking/client.py)."""
 from __future__ import annotations
 
 import functools
@@ -8,7 +8,7 @@ import importlib.metadata
 import subprocess
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from pipeline import PROJECT_ROOT
 DISTRIBUTION = "ion-pipeline"
 GIT_TIMEOUT_S = 5.0
 

@@ -25,9 +25,9 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from pipeline.store import file_sha256
+from pipeline import PROJECT_ROOT
+from pipeline.cache.store import file_sha256
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PROJECT_PACKAGES = ("ion", "proposals", "stages")  # what a stage may import and whose edits it sees
 HASH_LIMIT = 64 << 20  # files up to 64 MiB are hashed by content
 

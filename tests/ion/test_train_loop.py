@@ -3,7 +3,7 @@
 TinyDetector has what the loop relies on: forward(image, proposals, targets)
 -> loss dict, backbone.set_frozen(groups), dropout and random ROI sampling
 (so the per-image RNG handling is exercised). It is also used by
-tests/stages/test_train_ray.py.
+tests/pipeline/test_train_ray.py.
 """
 from __future__ import annotations
 

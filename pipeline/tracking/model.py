@@ -11,7 +11,7 @@ so they travel with the model; without them the untuned baseline applies.
     model.predict(["a.jpg", "b.png"])     # or a DataFrame with a `path` column
     -> DataFrame: file_name, image_id, category_id, category, bbox [x, y, w, h], score
 
-Like pipeline/tracking.py it imports mlflow: a PythonModel must subclass
+Like pipeline/tracking/client.py it imports mlflow: a PythonModel must subclass
 mlflow's class. It is imported only where a model is logged or loaded.
 """
 from __future__ import annotations
@@ -52,10 +52,10 @@ def _paths(model_input: Any) -> list[str]:
 
 
 class IonDetectorModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: image paths in, detections out (stages/predict_images.py)."""
+    """pyfunc wrapper: image paths in, detections out (pipeline/commands/predict_images.py)."""
 
     def load_context(self, context: Any) -> None:
-        from stages.predict_images import make_predictor
+        from pipeline.commands.predict_images import make_predictor
 
         model_root = Path(context.artifacts[ARTIFACT_MODEL_JSON]).parent.parent
         artifacts, best = model_files(model_root)
@@ -68,7 +68,7 @@ class IonDetectorModel(mlflow.pyfunc.PythonModel):
 
         from ion.data.images import load_image
         from ion.evaluation.results import to_coco_results
-        from stages.predict_images import _models, detect_image
+        from pipeline.commands.predict_images import _models, detect_image
 
         _, _, _, categories = _models(self.predictor)
         rows = []

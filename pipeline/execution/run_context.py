@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Mapping, Protocol, Sequence, TypeVar
 
 
-from pipeline.progress import iterate
-from pipeline.stopping import NO_SIGNALS, StopSignals
+from pipeline.execution.progress import iterate
+from pipeline.execution.stopping import NO_SIGNALS, StopSignals
 from stages.contract import RuntimeConfig, TrainerOutcome, TrainerSetup
 
 T = TypeVar("T")
@@ -77,12 +77,12 @@ class RunContext:
         # Ray is not even imported for one CPU process.
         if workers == 1 and self.runtime.device == "cpu":
             return False, False
-        from pipeline.train_adapter import use_ray_train
+        from pipeline.cluster.train import use_ray_train
         return use_ray_train(self.runtime, workers=workers)
 
     def run_trainer(self, worker_fn: Callable[..., Any], worker_config: dict[str, Any],
                     setup: TrainerSetup) -> TrainerOutcome:
-        from pipeline.train_adapter import run_trainer
+        from pipeline.cluster.train import run_trainer
         # Rank 0 logs the losses to this stage's MLflow run while it trains.
         return run_trainer(worker_fn, worker_config, setup, runtime=self.runtime,
                            mlflow_run_id=getattr(self._run, "run_id", None))

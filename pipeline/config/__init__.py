@@ -14,19 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from pipeline import PROJECT_ROOT
 from ion.data.config import DataConfig
 from ion.errors import UserError
 from ion.modeling.config import ModelConfig
 from ion.schema import Origin, apply_override, build, display_path, read_layered, section_json, to_yaml
-from pipeline.config_docs import config_reference as _reference_of
-from pipeline.runtime import RuntimeConfig
+from pipeline.config.docs import config_reference as _reference_of
+from pipeline.tracking.uri import RuntimeConfig
 from proposals.config import ProposalsConfig
 from stages.config import DetectConfig, EvaluateConfig, TrainConfig, TuneConfig
 
 __all__ = ["AblationConfig", "CONFIGS_DIR", "Config", "DEFAULT_CONFIG", "PROJECT_ROOT", "config_path", "RuntimeConfig", "config_reference", "load_config",
            "section_json", "to_yaml"]
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS_DIR = PROJECT_ROOT / "configs"  # the configs package, in a checkout and when installed
 DEFAULT_CONFIG = CONFIGS_DIR / "default.yaml"
 # A source checkout has its pyproject.toml beside the packages; an installed package has not.
@@ -98,7 +98,7 @@ class Config:
         default_factory=EvaluateConfig, metadata={"help": "COCO evaluation on the test split (stages/config.py)"})
     runtime: RuntimeConfig = field(
         default_factory=RuntimeConfig,
-        metadata={"help": "where and how to run; part of no cache key (pipeline/runtime.py)"})
+        metadata={"help": "where and how to run; part of no cache key (pipeline/tracking/uri.py)"})
     ablation: AblationConfig = field(
         default_factory=AblationConfig,
         metadata={"help": "the paper's table row this config reproduces (ablation configs); part of no "

@@ -25,7 +25,7 @@ from proposals.rpn.config import RpnConfig
 from proposals.rpn.model import build_rpn, save_rpn
 from proposals.rpn.train import RpnImage, rpn_phases, rpn_state_dict, train_rpn
 from stages.contract import StageContext, TrainerSetup
-from stages.worker_resume import worker_start
+from stages.helpers.worker_resume import worker_start
 
 CHECKPOINTS_DIR = "rpn_checkpoints"
 RAY_DIR = "rpn_ray"

@@ -53,7 +53,7 @@ def _stdout() -> TextIO:
 
 def _terminal() -> Optional[TextIO]:
     """The terminal stdout ends on, or None when it is a pipe or a file (a run
-    log tees stdout: pipeline/run_log.py; its `terminal` is the real stream)."""
+    log tees stdout: pipeline/execution/run_log.py; its `terminal` is the real stream)."""
     stream = getattr(sys.stdout, "terminal", sys.stdout)
     try:
         return stream if stream.isatty() else None

@@ -6,8 +6,8 @@ and two regression rounds as `detect` says (ion/inference/predict.py); the
 tuned NMS / voting thresholds applied as evaluate applies them.
 
 Not a pipeline stage (graph.STAGE_NAMES does not list it): `python -m pipeline
-predict` (pipeline/predict_command.py) and the MLflow model
-(pipeline/mlflow_model.py) call it. Per-image work is `predict_task`, a
+predict` (pipeline/commands/predict.py) and the MLflow model
+(pipeline/tracking/model.py) call it. Per-image work is `predict_task`, a
 module-level function a Ray task runs; the model is loaded once per worker.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from proposals.rpn.generate import generate_proposals_all
 from proposals.rpn.model import VARIANTS, load_rpn
 from proposals.selective_search import selective_search_isolated
 from stages.train import MODEL_FILE, load_trained_detector
-from stages.worker_cache import cached
+from stages.helpers.worker_cache import cached
 
 RPN_FILE = "rpn.pt"
 THRESHOLDS_FILE = "best.json"

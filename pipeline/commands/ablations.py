@@ -39,7 +39,7 @@ from pipeline.cli import run_command
 from pipeline.config import PROJECT_ROOT, AblationConfig, Config, load_config
 from pipeline.graph import cache_keys, registered_names, registered_stages, select_names, select_stages
 from ion.schema import display_path, flatten
-from pipeline.store import ArtifactStore, write_text_atomic
+from pipeline.cache.store import ArtifactStore, write_text_atomic
 
 ABLATIONS_DIR = PROJECT_ROOT / "configs" / "ablations"
 NAME_PREFIX = "ablation-"
@@ -307,7 +307,7 @@ def run_ablations(*, configs: Sequence[Path] | None, overrides: Sequence[str], w
     selected = select_stages(stages, stages_spec)
     # mlflow and ray take seconds to import: only once every config is known to be good.
     from pipeline.runner import check_upstream, format_summary, run_stages
-    from pipeline.tracking import FINISHED, Tracker, tracking_uri_for
+    from pipeline.tracking.client import FINISHED, Tracker, tracking_uri_for
 
     root = Path(variants[0].cfg.runtime.workdir)
     store = ArtifactStore(root)

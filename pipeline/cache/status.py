@@ -6,16 +6,16 @@
 - missing: no output of this stage at all.
 
 For a stale stage, `status` names what changed since its most recent output
-(pipeline/changes.py): config keys, input files, source modules, upstream outputs.
+(pipeline/cache/changes.py): config keys, input files, source modules, upstream outputs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from pipeline.changes import describe_changes
+from pipeline.cache.changes import describe_changes
 from pipeline.graph import SHORT_KEY, Stage, cache_materials
-from pipeline.store import ArtifactStore
+from pipeline.cache.store import ArtifactStore
 
 CACHED, STALE, MISSING, MODIFIED = "cached", "stale", "missing", "modified"
 
@@ -28,7 +28,7 @@ class StageStatus:
     run_id: str | None  # the MLflow run that produced the cached output
     other_keys: list[str]  # keys of outputs for other configs
     changed_files: list[str]  # with verify: files whose checksum differs from the manifest
-    reasons: list[str] = ()  # stale: what changed since the most recent output (pipeline/changes.py)
+    reasons: list[str] = ()  # stale: what changed since the most recent output (pipeline/cache/changes.py)
 
 
 def stage_statuses(stages: Sequence[Stage], cfg: Any, store: ArtifactStore, *,

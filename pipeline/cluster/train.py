@@ -1,4 +1,4 @@
-"""Ray Train for the train stage; with pipeline/cluster.py the only modules that import ray.
+"""Ray Train for the train stage; with pipeline/cluster/tasks.py the only modules that import ray.
 
 Written against Ray Train V2 (ray >= 2.5x, on unless RAY_TRAIN_V2_ENABLED=0),
 whose public API is ray.train.torch.TorchTrainer, ray.train.ScalingConfig /
@@ -19,7 +19,7 @@ that reports to Ray Train; `log_metrics` (rank 0 logs straight to the stage's
 MLflow run, whose id the driver passes in) and `report_progress` (rank 0
 writes done/total to a small file in the storage directory, which the driver
 polls and prints as progress lines: Ray does not forward worker stdout,
-pipeline/cluster.py).
+pipeline/cluster/tasks.py).
 
 Gradients are all-reduced by ion/engine/ itself (ion/engine/grad_sync.py:
 buckets sent during the backward of each worker's last image) instead of
@@ -48,8 +48,8 @@ from ion.errors import UserError
 from ion.engine.checkpoint import CheckpointEvent, load_checkpoint, write_checkpoint
 from ion.engine.loop import NonFiniteLossError
 from ion.atomic import write_json_atomic
-from pipeline.cluster import cluster_gpus, init_ray
-from pipeline.progress import Progress
+from pipeline.cluster.tasks import cluster_gpus, init_ray
+from pipeline.execution.progress import Progress
 from stages.contract import RuntimeConfig, TrainerOutcome, TrainerSetup
 from ion.atomic import atomic_path
 
@@ -117,7 +117,7 @@ def run_trainer(worker_fn: Callable[..., Any], worker_config: dict[str, Any], se
     if runtime is not None:
         init_ray(runtime)
     elif not ray.is_initialized():
-        raise RuntimeError("run_trainer needs Ray: pass runtime or call pipeline.cluster.init_ray first")
+        raise RuntimeError("run_trainer needs Ray: pass runtime or call pipeline.cluster.tasks.init_ray first")
     setup.storage_dir.mkdir(parents=True, exist_ok=True)
     progress_file = setup.storage_dir / f"{setup.name}.progress.json"
     progress_file.unlink(missing_ok=True)  # an earlier run's
@@ -247,7 +247,7 @@ class WorkerSession:
         if self.rank != 0 or self._run_id is None or not metrics:
             return
         if self._run is None:
-            from pipeline.tracking import run_by_id  # mlflow only where it is used: rank 0
+            from pipeline.tracking.client import run_by_id  # mlflow only where it is used: rank 0
             self._run = run_by_id(self._run_id)
             self._logged_up_to = self._run.last_step(next(iter(metrics)))
         if self._logged_up_to is not None and step <= self._logged_up_to:
