@@ -1,4 +1,4 @@
-"""Ray adapter: the only module that imports ray.
+"""Ray tasks: starting or joining Ray, and mapping a function over items as tasks.
 
 `init_ray` starts a quiet local Ray instance, or joins a cluster when
 `runtime.ray_address` or RAY_ADDRESS names one (and prints which one, with its

@@ -1,4 +1,4 @@
-"""Ray Train for the train stage; with pipeline/cluster/tasks.py the only modules that import ray.
+"""Ray Train for the train stage (pipeline/cluster/tasks.py starts Ray for it).
 
 Written against Ray Train V2 (ray >= 2.5x, on unless RAY_TRAIN_V2_ENABLED=0),
 whose public API is ray.train.torch.TorchTrainer, ray.train.ScalingConfig /

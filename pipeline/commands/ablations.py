@@ -27,20 +27,22 @@ the two files as artifacts, the variants' run ids as tags).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ion.errors import UserError
-from pipeline.cli import run_command
 from pipeline.config import PROJECT_ROOT, AblationConfig, Config, load_config
 from pipeline.graph import cache_keys, registered_names, registered_stages, select_names, select_stages
 from ion.schema import display_path, flatten
 from pipeline.cache.store import ArtifactStore, write_text_atomic
+from pipeline.commands.flags import invocation, run_command
+from pipeline.execution.stopping import NO_SIGNALS, StopSignals
 
+NAME = "ablations"
 ABLATIONS_DIR = PROJECT_ROOT / "configs" / "ablations"
 NAME_PREFIX = "ablation-"
 REFERENCE = "irnn-identity"  # configs/ablations/irnn_identity.yaml: the default ION
@@ -294,9 +296,33 @@ def select_tables(variants: Sequence[Variant], tables: set[int] | None, referenc
     return chosen
 
 
+def add_parser(commands: Any) -> None:
+    sub = commands.add_parser(NAME, help="run every ablation config, then tabulate their test AP "
+                                         "(pipeline/commands/ablations.py)")
+    sub.add_argument("--configs", nargs="+", type=Path, default=None, metavar="YAML",
+                     help="ablation configs (default: configs/ablations/*.yaml of the project, sorted)")
+    sub.add_argument("--reference", default=None, metavar="VARIANT",
+                     help="the variant the others are compared with (default: irnn-identity if "
+                          "present, else the first)")
+    sub.add_argument("--stages", default="all", help="all, or a comma list (default: all)")
+    sub.add_argument("--tables", default=None, metavar="N,N",
+                     help="only the configs whose ablation.table is one of these paper tables "
+                          "(e.g. 5,9), and the reference (default: every config)")
+    sub.add_argument("-o", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one config value in every variant (repeatable)")
+    sub.add_argument("--workdir", type=Path, default=None,
+                     help="directory for artifacts, mlflow.db and the table (overrides runtime.workdir)")
+
+
+def run(args: argparse.Namespace) -> int:
+    run_ablations(configs=args.configs, overrides=args.overrides, workdir=args.workdir, stages_spec=args.stages,
+                  reference=args.reference, argv=args.argv, tables=args.tables, stops=args.stops)
+    return 0
+
+
 def run_ablations(*, configs: Sequence[Path] | None, overrides: Sequence[str], workdir: Path | None,
                   stages_spec: str, reference: str | None, argv: Sequence[str],
-                  tables: str | None = None) -> list[Row]:
+                  tables: str | None = None, stops: StopSignals = NO_SIGNALS) -> list[Row]:
     """Run every variant's stages, then write, print and log the table; returns its rows."""
     select_names(registered_names(), stages_spec)  # a typo fails before anything heavy is imported
     wanted_tables = parse_tables(tables)
@@ -306,25 +332,35 @@ def run_ablations(*, configs: Sequence[Path] | None, overrides: Sequence[str], w
     stages = registered_stages()
     selected = select_stages(stages, stages_spec)
     # mlflow and ray take seconds to import: only once every config is known to be good.
-    from pipeline.runner import check_upstream, format_summary, run_stages
-    from pipeline.tracking.client import FINISHED, Tracker, tracking_uri_for
+    from pipeline.execution.session import stage_session
 
     root = Path(variants[0].cfg.runtime.workdir)
+    headline = (f"ablations: {len(variants)} variant(s) | workdir {root} | "
+                f"stages {','.join(s.name for s in selected)}")
+    with stage_session(root, headline=headline, stops=stops) as session:
+        return _run_variants(session, variants, ref, stages, selected, overrides=overrides, workdir=workdir,
+                             stages_spec=stages_spec, command=invocation(argv))
+
+
+def _run_variants(session: Any, variants: Sequence[Variant], ref: Variant, stages: Sequence[Any],
+                  selected: Sequence[Any], *, overrides: Sequence[str], workdir: Path | None, stages_spec: str,
+                  command: str) -> list[Row]:
+    from pipeline.runner import check_upstream, format_summary
+    from pipeline.tracking.client import FINISHED
+
+    root = session.workdir
     store = ArtifactStore(root)
     keys = {v.name: cache_keys(stages, v.cfg) for v in variants}
     for v in variants:  # every variant's missing inputs, before the first one runs for an hour
         check_upstream(stages, selected, keys[v.name], store, force=False,
                        command=_run_command(v, overrides, workdir))
-    command = shlex.join(["python", "-m", "pipeline", *argv])
     runs = {}
     for i, v in enumerate(variants, 1):
         print(f"[{i}/{len(variants)}] {v.name}: config {display_path(v.path)} | workdir {root} | "
               f"stages {','.join(s.name for s in selected)}", flush=True)
-        tracker = Tracker(tracking_uri=tracking_uri_for(root), experiment=v.cfg.name, workdir=root,
-                          config_file=v.path)
-        report = run_stages(v.cfg, stages=stages, selected=selected, tracker=tracker,
-                            command=_run_command(v, overrides, workdir), run_name=stages_spec,
-                            tags={"command": command, "ablation": v.name})
+        report = session.run_stages(v.cfg, stages=stages, selected=selected, experiment=v.cfg.name,
+                                    config_file=v.path, command=_run_command(v, overrides, workdir),
+                                    run_name=stages_spec, tags={"command": command, "ablation": v.name})
         runs[v.name] = report.parent_run_id
         print()
         print(format_summary(report))
@@ -343,7 +379,7 @@ def run_ablations(*, configs: Sequence[Path] | None, overrides: Sequence[str], w
     write_text_atomic(md_path, text)
     write_text_atomic(json_path, json.dumps(table_json(rows, ref.name), indent=1) + "\n")
 
-    tracker = Tracker(tracking_uri=tracking_uri_for(root), experiment=EXPERIMENT, workdir=root)
+    tracker = session.tracker(EXPERIMENT)
     run = tracker.start_parent(name=EXPERIMENT, tags={
         "command": command, "reference": ref.name, "workdir": str(root),
         "configs": ",".join(display_path(v.path) for v in variants),

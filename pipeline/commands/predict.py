@@ -23,17 +23,19 @@ from tqdm import tqdm
 
 from ion.atomic import atomic_path
 from ion.errors import UserError
+from pipeline.commands.flags import config_flags, load, rerun_command
 
 IMAGES_PER_TASK = 4
 TASKS_PER_WORKER = 4  # tasks per worker in one chunk: enough to keep workers busy, little held at once
 SHOWN_SKIPPED = 5
+NAME = "predict"
 DRAWN_DIR = "drawn"
 RESULTS_FILE = "detections.json"
 
 
-def add_predict_parser(commands: Any, config_flags: Any) -> None:
+def add_parser(commands: Any) -> None:
     sub = commands.add_parser(
-        "predict", help="detect objects in images with a config's trained model",
+        NAME, help="detect objects in images with a config's trained model",
         description="Detects objects in image files or folders (recursive) with the model the config's pipeline "
                     "trained (its train, proposals and tune outputs in the workdir), or with an MLflow model "
                     "(--model-uri runs:/<run id>/model). Writes <out>/detections.json (COCO results + "
@@ -96,14 +98,13 @@ def list_images(paths: Sequence[Path]) -> tuple[list[tuple[Path, str]], list[Pat
 
 def _from_workdir(cfg: Any, args: argparse.Namespace):
     """(Predictor, notes) from the config's cached train, proposals and tune outputs."""
-    from pipeline.cli import run_command
     from pipeline.graph import registered_stages, cache_keys
     from pipeline.cache.store import ArtifactStore
     from pipeline.commands.predict_images import RPN_FILE, THRESHOLDS_FILE, make_predictor
 
     store = ArtifactStore(Path(cfg.runtime.workdir))
     keys = cache_keys(registered_stages(), cfg)
-    command = run_command(None if args.config is None else str(args.config), args.overrides, args.workdir)
+    command = rerun_command(args)
     missing = [s for s in ("proposals", "train") if not store.exists(s, keys[s])]
     if missing:
         raise UserError(f"the {' and '.join(missing)} output(s) of this config are missing in {store.workdir}: "
@@ -134,6 +135,18 @@ def _from_mlflow(uri: str, tracking_uri: str, into: Path):
 
 
 # ----------------------------------------------------------------------------- the run
+
+
+def run(args: argparse.Namespace) -> int:
+    """Through the one path of the commands that use stage outputs (pipeline/execution/session.py):
+    the run log in the config's workdir, the tracking server probed when --model-uri reads from it."""
+    from pipeline.execution.session import stage_session
+
+    cfg = load(args)
+    headline = f"predict: {' '.join(str(p) for p in args.images)} -> {args.out} | workdir {cfg.runtime.workdir}"
+    with stage_session(Path(cfg.runtime.workdir), headline=headline, stops=args.stops,
+                       probe_tracking=bool(args.model_uri)):
+        return run_predict(args, cfg)
 
 
 def run_predict(args: argparse.Namespace, cfg: Any) -> int:

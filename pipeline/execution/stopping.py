@@ -1,6 +1,6 @@
 """SIGTERM and SIGINT end a run at a safe point.
 
-`StopSignals.install()` (the CLI, for `run`) replaces Python's handlers: the
+`StopSignals.install()` (pipeline/cli.py, for every command) replaces Python's handlers: the
 first signal raises `ion.errors.Interrupted` in the main thread at once, so the
 runner marks the MLflow runs KILLED, Ray is shut down and the CLI exits with
 128 + the signal number. Inside `graceful()` (the train stage on one process)

@@ -1,4 +1,4 @@
-"""MLflow adapter: the only module that imports mlflow.
+"""The MLflow tracking client: experiments, runs, metrics, the pending queue.
 
 One experiment per config name (tagged as a model-development experiment, so
 `mlflow ui` opens on its training runs); one parent run per `pipeline run`
@@ -37,29 +37,17 @@ import requests
 from filelock import FileLock
 from sqlalchemy.exc import SQLAlchemyError
 
-# Before mlflow is imported (it reads them at import): no INFO lines about
-# database migrations, no "View run at" banners for a tracking server.
-# setdefault: a user who sets them keeps their choice.
-os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-# MLflow's own HTTP retries (7, exponential backoff) take over four minutes to
-# give up on a server that is down; the records are kept and sent later instead.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars while a model is saved
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID  # noqa: E402
-from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH  # noqa: E402
-
-from ion.errors import UserError  # noqa: E402
-from pipeline.tracking.code_version import code_version  # noqa: E402
-from pipeline.tracking.pending import PendingRecords  # noqa: E402
-from pipeline.tracking.uri import MLFLOW_DB, TRACKING_URI_ENV, tracking_uri_for  # noqa: E402
-from ion.schema import flatten  # noqa: E402
+from ion.errors import UserError
+from pipeline.tracking.code_version import code_version
+from pipeline.tracking.pending import PendingRecords
+from pipeline.tracking.uri import MLFLOW_DB, TRACKING_URI_ENV, tracking_uri_for
+from ion.schema import flatten
 
 __all__ = ["FAILED", "FINISHED", "KILLED", "TrackedRun", "Tracker", "download_artifacts", "run_by_id",
            "tracking_uri_for", "ui_hint"]

@@ -12,7 +12,8 @@ so they travel with the model; without them the untuned baseline applies.
     -> DataFrame: file_name, image_id, category_id, category, bbox [x, y, w, h], score
 
 Like pipeline/tracking/client.py it imports mlflow: a PythonModel must subclass
-mlflow's class. It is imported only where a model is logged or loaded.
+mlflow's class. Models logged before it lived here were pickled as
+pipeline.mlflow_model.IonDetectorModel; pipeline/__init__.py maps that name to this module. It is imported only where a model is logged or loaded.
 """
 from __future__ import annotations
 
