@@ -30,9 +30,9 @@ from ion.data import synthetic
 from ion.data.config import SyntheticConfig
 from pipeline.cluster.tasks import init_ray, ray_map, shutdown_ray
 from pipeline.config import PROJECT_ROOT, load_config
-from stages.contract import RuntimeConfig
 from proposals.rpn.model import build_rpn, save_rpn
 from proposals.store import Shard
+from stages.contract import RuntimeConfig
 from stages.proposals import GROUP_SOURCES, ShardTask, compute_shard
 
 GROUPS = ("rpn", "selective_search")

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ion.errors import UserError
+from ion.schema import to_plain, to_yaml
+from pipeline.cache.store import MANIFEST, ArtifactStore
 from pipeline.cluster.tasks import Cluster
-from pipeline.graph import SHORT_KEY, Stage, cache_materials
 from pipeline.execution.progress import emit, heartbeat
 from pipeline.execution.run_context import RunContext
-from ion.schema import to_plain, to_yaml
 from pipeline.execution.stopping import NO_SIGNALS, StopSignals
-from pipeline.cache.store import MANIFEST, ArtifactStore
+from pipeline.graph import SHORT_KEY, Stage, cache_materials
 from pipeline.tracking.client import FAILED, FINISHED, KILLED, TrackedRun, Tracker, ui_hint
 from stages.contract import StageResult
 

@@ -23,11 +23,11 @@ import torch
 from ion.data.images import load_image
 from ion.data.split import DetectionSplit
 from ion.inference.predict import predict_raw
-from stages.contract import StageContext, StageResult
 from proposals.store import ProposalStore, Shard, ShardedWriter, remove_parts, write_shard
+from stages.contract import StageContext, StageResult
 from stages.helpers.raw_detections import ROUND1, as_item, round_one, write_raw
-from stages.train import load_trained_detector
 from stages.helpers.worker_cache import cached
+from stages.train import load_trained_detector
 
 NAME = "detect"
 VERSION = "2"

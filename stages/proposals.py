@@ -24,20 +24,20 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ion.atomic import write_json_atomic
 from ion.data.images import load_image
 from ion.data.split import INDEX_FILE, DetectionSplit
-from stages.contract import StageContext, StageResult
 from proposals.mcg import load_mcg_proposals, locate_mcg_files
 from proposals.mix import mix_stores
 from proposals.recall import curve_counts, load_ground_truth, plot_recall, store_recall
+from proposals.rpn.config import RpnConfig
 from proposals.rpn.generate import generate_proposals_all
 from proposals.rpn.model import VARIANTS, load_rpn
-from proposals.rpn.config import RpnConfig
 from proposals.selective_search import selective_search_isolated
 from proposals.store import ProposalStore, Shard, ShardedWriter, remove_parts, write_shard, write_store
+from stages.contract import StageContext, StageResult
 from stages.helpers.rpn_training import train_rpn_stage
 from stages.helpers.worker_cache import cached
-from ion.atomic import write_json_atomic
 
 NAME = "proposals"
 VERSION = "1"

@@ -24,19 +24,19 @@ from typing import Callable, Optional
 
 import torch
 
-from ion.modeling.build import build_detector
-from ion.modeling.config import ModelConfig
-from ion.data.split import DetectionSplit
 from ion.atomic import write_json_atomic
-from ion.errors import UserError
-from ion.figures import save_png
-from ion.schema import Origin, build
+from ion.data.split import DetectionSplit
 from ion.data.train_samples import TrainingSamples
 from ion.engine.checkpoint import CheckpointFiles, load_checkpoint, write_checkpoint
 from ion.engine.loop import NonFiniteLossError, TrainResult, train
+from ion.errors import UserError
+from ion.figures import save_png
+from ion.modeling.build import build_detector
+from ion.modeling.config import ModelConfig
+from ion.schema import Origin, build
+from proposals.store import ProposalStore
 from stages.contract import StageContext, StageResult, TrainerSetup
 from stages.helpers.worker_resume import worker_start
-from proposals.store import ProposalStore
 
 NAME = "train"
 VERSION = "1"
@@ -142,7 +142,8 @@ def train_detector(cfg, *, data_dir: Path, proposal_files: list[Path], resume: O
                                   flip=tcfg.flip, with_masks=mcfg.seg_loss_weight > 0)
         return train(model=model, phases=tcfg.phases, num_images=len(samples), get_sample=samples, seed=cfg.seed,
                      save_checkpoint=save_checkpoint, log_metrics=log_metrics, on_iteration=on_iteration,
-                     should_stop=should_stop, resume=resume, images_per_batch=tcfg.images_per_batch, clip_grad_norm=tcfg.clip_grad_norm,
+                     should_stop=should_stop, resume=resume, images_per_batch=tcfg.images_per_batch,
+                     clip_grad_norm=tcfg.clip_grad_norm,
                      momentum_semantics=tcfg.momentum_semantics, checkpoint_every=tcfg.checkpoint_every,
                      log_every=tcfg.log_every, amp=tcfg.amp, device=device, loader_threads=tcfg.loader_threads,
                      rank=rank, world_size=world_size)

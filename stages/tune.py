@@ -28,6 +28,7 @@ import optuna
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ion.atomic import write_bytes_atomic, write_json_atomic
 from ion.data.split import DetectionSplit
 from ion.errors import UserError
 from ion.evaluation.evaluator import Evaluator
@@ -36,7 +37,6 @@ from ion.inference.tuning import Thresholds, objective
 from stages.contract import StageContext, StageResult
 from stages.helpers.raw_detections import ROUND1, read_raw, require_raw
 from stages.helpers.worker_cache import cached
-from ion.atomic import write_bytes_atomic, write_json_atomic
 
 NAME = "tune"
 VERSION = "2"

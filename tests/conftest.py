@@ -36,8 +36,9 @@ def smoke_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mlflow_db_template(tmp_path_factory) -> Path:
     """An empty MLflow sqlite store with its tables created once (migrations take seconds)."""
-    import pipeline.tracking  # noqa: F401 (first: it sets MLflow's quiet defaults)
     from mlflow import MlflowClient
+
+    import pipeline.tracking  # noqa: F401 (first: it sets MLflow's quiet defaults)
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
     MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()

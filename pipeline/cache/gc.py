@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 from filelock import FileLock, Timeout
 
-from pipeline.graph import SHORT_KEY, Stage, cache_keys
 from pipeline.cache.store import MANIFEST, ArtifactStore
+from pipeline.graph import SHORT_KEY, Stage, cache_keys
 
 
 @dataclass(frozen=True)

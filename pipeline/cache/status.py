@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from pipeline.cache.changes import describe_changes
-from pipeline.graph import SHORT_KEY, Stage, cache_materials
 from pipeline.cache.store import ArtifactStore
+from pipeline.graph import SHORT_KEY, Stage, cache_materials
 
 CACHED, STALE, MISSING, MODIFIED = "cached", "stale", "missing", "modified"
 

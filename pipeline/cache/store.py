@@ -20,8 +20,8 @@ from typing import Any, Iterator
 
 from filelock import FileLock, Timeout
 
-from ion.errors import UserError
 from ion.atomic import TMP_SUFFIX, write_text_atomic
+from ion.errors import UserError
 
 MANIFEST = "manifest.json"
 DAMAGED_MANIFEST = "manifest.damaged.json"

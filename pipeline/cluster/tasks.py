@@ -17,13 +17,12 @@ import os
 import signal
 import socket
 import threading
-from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import ray
 
-from pipeline import PROJECT_ROOT
 from ion.errors import UserError
+from pipeline import PROJECT_ROOT
 from pipeline.execution.progress import Progress
 from pipeline.tracking.uri import TRACKING_URI_ENV, RuntimeConfig, tracking_uri_for
 

@@ -44,14 +44,13 @@ import ray.train
 import ray.train.torch
 import torch
 
-from ion.errors import UserError
+from ion.atomic import atomic_path, write_json_atomic
 from ion.engine.checkpoint import CheckpointEvent, load_checkpoint, write_checkpoint
 from ion.engine.loop import NonFiniteLossError
-from ion.atomic import write_json_atomic
+from ion.errors import UserError
 from pipeline.cluster.tasks import cluster_gpus, init_ray
 from pipeline.execution.progress import Progress
 from stages.contract import RuntimeConfig, TrainerOutcome, TrainerSetup
-from ion.atomic import atomic_path
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Ray Train keeps the `keep_checkpoints` reports with the highest score (and

@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ion.errors import UserError
-from pipeline.config import PROJECT_ROOT, AblationConfig, Config, load_config
-from pipeline.graph import cache_keys, registered_names, registered_stages, select_names, select_stages
 from ion.schema import display_path, flatten
 from pipeline.cache.store import ArtifactStore, write_text_atomic
 from pipeline.commands.flags import invocation, run_command
+from pipeline.config import PROJECT_ROOT, AblationConfig, Config, load_config
 from pipeline.execution.stopping import NO_SIGNALS, StopSignals
+from pipeline.graph import cache_keys, registered_names, registered_stages, select_names, select_stages
 
 NAME = "ablations"
 ABLATIONS_DIR = PROJECT_ROOT / "configs" / "ablations"

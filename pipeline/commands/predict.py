@@ -98,9 +98,9 @@ def list_images(paths: Sequence[Path]) -> tuple[list[tuple[Path, str]], list[Pat
 
 def _from_workdir(cfg: Any, args: argparse.Namespace):
     """(Predictor, notes) from the config's cached train, proposals and tune outputs."""
-    from pipeline.graph import registered_stages, cache_keys
     from pipeline.cache.store import ArtifactStore
     from pipeline.commands.predict_images import RPN_FILE, THRESHOLDS_FILE, make_predictor
+    from pipeline.graph import cache_keys, registered_stages
 
     store = ArtifactStore(Path(cfg.runtime.workdir))
     keys = cache_keys(registered_stages(), cfg)
@@ -121,9 +121,9 @@ def _from_workdir(cfg: Any, args: argparse.Namespace):
 
 def _from_mlflow(uri: str, tracking_uri: str, into: Path):
     """(Predictor, notes) from an MLflow model the train stage logged (pipeline/tracking/model.py)."""
-    from pipeline.tracking.model import ARTIFACT_CONFIG, ARTIFACT_MODEL_JSON, ARTIFACT_RPN, config_of, model_files
-    from pipeline.tracking.client import download_artifacts
     from pipeline.commands.predict_images import make_predictor
+    from pipeline.tracking.client import download_artifacts
+    from pipeline.tracking.model import ARTIFACT_CONFIG, ARTIFACT_MODEL_JSON, ARTIFACT_RPN, config_of, model_files
 
     files, best = model_files(download_artifacts(uri, into / "model", tracking_uri=tracking_uri))
     if ARTIFACT_MODEL_JSON not in files or ARTIFACT_CONFIG not in files:
@@ -151,8 +151,8 @@ def run(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace, cfg: Any) -> int:
     from pipeline.cluster.tasks import Cluster
-    from pipeline.tracking.uri import tracking_uri_for
     from pipeline.commands.predict_images import PredictTask
+    from pipeline.tracking.uri import tracking_uri_for
 
     images, skipped = list_images(args.images)
     if skipped:

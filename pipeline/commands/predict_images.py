@@ -34,8 +34,8 @@ from proposals.rpn.config import RpnConfig
 from proposals.rpn.generate import generate_proposals_all
 from proposals.rpn.model import VARIANTS, load_rpn
 from proposals.selective_search import selective_search_isolated
-from stages.train import MODEL_FILE, load_trained_detector
 from stages.helpers.worker_cache import cached
+from stages.train import MODEL_FILE, load_trained_detector
 
 RPN_FILE = "rpn.pt"
 THRESHOLDS_FILE = "best.json"
@@ -99,7 +99,8 @@ def make_predictor(cfg, *, model_dir: Path, rpn_weights: Optional[Path], best: O
                           rpn=cfg.proposals.rpn if uses_rpn else None, mix=tuple(kept.items()),
                           dedup_iou=cfg.proposals.mix.dedup_iou, selective_search=ss_settings,
                           flip=cfg.detect.flip, two_rounds=cfg.detect.two_rounds, round2=cfg.detect.round2,
-                          amp=cfg.detect.amp, candidate_thresh=cfg.detect.score_thresh, thresholds=thresholds_from(best, cfg.tune))
+                          amp=cfg.detect.amp, candidate_thresh=cfg.detect.score_thresh,
+                          thresholds=thresholds_from(best, cfg.tune))
     return predictor, notes
 
 

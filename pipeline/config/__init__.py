@@ -14,18 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from pipeline import PROJECT_ROOT
 from ion.data.config import DataConfig
 from ion.errors import UserError
 from ion.modeling.config import ModelConfig
 from ion.schema import Origin, apply_override, build, display_path, read_layered, section_json, to_yaml
+from pipeline import PROJECT_ROOT
 from pipeline.config.docs import config_reference as _reference_of
 from pipeline.tracking.uri import RuntimeConfig
 from proposals.config import ProposalsConfig
 from stages.config import DetectConfig, EvaluateConfig, TrainConfig, TuneConfig
 
-__all__ = ["AblationConfig", "CONFIGS_DIR", "Config", "DEFAULT_CONFIG", "PROJECT_ROOT", "config_path", "RuntimeConfig", "config_reference", "load_config",
-           "section_json", "to_yaml"]
+__all__ = ["AblationConfig", "CONFIGS_DIR", "Config", "DEFAULT_CONFIG", "PROJECT_ROOT", "config_path", "RuntimeConfig",
+           "config_reference", "load_config", "section_json", "to_yaml"]
 
 CONFIGS_DIR = PROJECT_ROOT / "configs"  # the configs package, in a checkout and when installed
 DEFAULT_CONFIG = CONFIGS_DIR / "default.yaml"
@@ -86,7 +86,8 @@ class Config:
     name: str = field(default="default", metadata={"help": "run name: the MLflow experiment runs are filed under"})
     seed: int = field(default=0, metadata={"help": "seed of every random choice (data, sampling, init)", "min": 0})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "datasets and splits (ion/data/config.py)"})
-    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the ION detector (ion/modeling/config.py)"})
+    model: ModelConfig = field(default_factory=ModelConfig,
+                               metadata={"help": "the ION detector (ion/modeling/config.py)"})
     proposals: ProposalsConfig = field(
         default_factory=ProposalsConfig, metadata={"help": "proposal sources and mixing (proposals/config.py)"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training phases (stages/config.py)"})

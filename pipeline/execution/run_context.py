@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterable, Mapping, Protocol, Sequence, TypeVar
 
-
 from pipeline.execution.progress import iterate
 from pipeline.execution.stopping import NO_SIGNALS, StopSignals
 from stages.contract import RuntimeConfig, TrainerOutcome, TrainerSetup

@@ -35,19 +35,18 @@ from typing import Any, Mapping
 
 import requests
 from filelock import FileLock
-from sqlalchemy.exc import SQLAlchemyError
-
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+from sqlalchemy.exc import SQLAlchemyError
 
 from ion.errors import UserError
+from ion.schema import flatten
 from pipeline.tracking.code_version import code_version
 from pipeline.tracking.pending import PendingRecords
 from pipeline.tracking.uri import MLFLOW_DB, TRACKING_URI_ENV, tracking_uri_for
-from ion.schema import flatten
 
 __all__ = ["FAILED", "FINISHED", "KILLED", "TrackedRun", "Tracker", "download_artifacts", "run_by_id",
            "tracking_uri_for", "ui_hint"]
@@ -172,7 +171,8 @@ def run_by_id(run_id: str) -> TrackedRun:
     MLFLOW_TRACKING_URI, which pipeline/cluster/tasks.py gives every Ray worker."""
     uri = os.environ.get(TRACKING_URI_ENV)
     if not uri:
-        raise RuntimeError(f"{TRACKING_URI_ENV} is not set in this worker (pipeline/cluster/tasks.py's runtime env sets it)")
+        raise RuntimeError(f"{TRACKING_URI_ENV} is not set in this worker "
+                           "(pipeline/cluster/tasks.py's runtime env sets it)")
     return TrackedRun(_WorkerStore(MlflowClient(tracking_uri=uri)), run_id)
 
 
@@ -313,7 +313,8 @@ class Tracker:
 
     def _create(self, name: str, tags: Mapping[str, Any]) -> TrackedRun:
         record = {"op": "create_run", "run": OFFLINE_PREFIX + uuid.uuid4().hex, "name": name,
-                  "tags": {k: _clip(str(v), MAX_TAG_VAL_LENGTH) for k, v in {**self.common_tags, **tags}.items()}, "start": _now_ms()}
+                  "tags": {k: _clip(str(v), MAX_TAG_VAL_LENGTH) for k, v in {**self.common_tags, **tags}.items()},
+                  "start": _now_ms()}
         if self.offline_error is None:
             try:
                 return TrackedRun(self, self._apply(record))

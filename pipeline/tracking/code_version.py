@@ -6,9 +6,9 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import subprocess
-from pathlib import Path
 
 from pipeline import PROJECT_ROOT
+
 DISTRIBUTION = "ion-pipeline"
 GIT_TIMEOUT_S = 5.0
 

@@ -13,7 +13,8 @@ so they travel with the model; without them the untuned baseline applies.
 
 Like pipeline/tracking/client.py it imports mlflow: a PythonModel must subclass
 mlflow's class. Models logged before it lived here were pickled as
-pipeline.mlflow_model.IonDetectorModel; pipeline/__init__.py maps that name to this module. It is imported only where a model is logged or loaded.
+pipeline.mlflow_model.IonDetectorModel; pipeline/__init__.py maps that name to
+this module. It is imported only where a model is logged or loaded.
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torchvision
 
-from ion.modeling.backbone import VGG16Backbone, load_vgg16_imagenet
 from ion.errors import UserError
+from ion.modeling.backbone import VGG16Backbone, load_vgg16_imagenet
 from ion.modeling.heads import DetectionHeads, load_vgg16_fc67
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from ion.data.categories import CategoryMap
-from ion.data.coco import (ValidationReport, build_coco_splits, minival_image_ids, read_coco, read_id_list)
+from ion.data.coco import ValidationReport, build_coco_splits, minival_image_ids, read_coco, read_id_list
 from ion.data.images import load_image
 from ion.data.split import ImageRecord, instance_masks
 from ion.errors import UserError
@@ -257,8 +257,9 @@ def test_dropped_images_take_their_annotations(tmp_path):
 def test_image_checks_spread_over_a_pool_find_what_a_serial_pass_finds(tmp_path, monkeypatch):
     # Many images, some missing, mis-sized or duplicated, checked in chunks of 3 by two
     # worker processes: the same kept images, counts, examples and first error.
-    import ion.data.coco as coco_module
     from concurrent.futures import ProcessPoolExecutor
+
+    import ion.data.coco as coco_module
     folder, data = _tiny(tmp_path)
     for k in range(20):
         name = f"x{k}.jpg"

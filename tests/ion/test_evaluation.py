@@ -17,8 +17,13 @@ from ion.errors import UserError
 from ion.evaluation.coco_eval import coco_eval
 from ion.evaluation.evaluator import Evaluator, flatten_detections
 from ion.evaluation.metrics import STAT_NAMES
-from ion.evaluation.results import (submission_name, to_coco_results, validate_results, write_results,
-                                    write_submission_zip)
+from ion.evaluation.results import (
+    submission_name,
+    to_coco_results,
+    validate_results,
+    write_results,
+    write_submission_zip,
+)
 from ion.inference.postprocess import Detections
 
 # ../shared/data/cocoapi-fake/README.md: pycocotools 2.0.11, iouType "bbox"

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from ion.errors import Interrupted, UserError
 from ion.engine.checkpoint import CheckpointFiles, load_checkpoint
 from ion.engine.loop import NonFiniteLossError, TrainSample, enter_phase, train
 from ion.engine.optim import build_optimizer, momentum_buffers
 from ion.engine.schedule import ImageOrder, image_order, phase_lr, step_positions
+from ion.errors import Interrupted, UserError
 from stages.train_config import PhaseConfig, TrainConfig
 
 GROUPS = ("conv1", "conv2", "conv3", "conv4", "conv5")
@@ -639,8 +639,8 @@ def tiny_stage_config(**train):
 
 
 def test_train_stage_writes_checkpoints_model_and_plots_and_resumes(tmp_path):
-    from stages.contract import RuntimeConfig
     from stages import train as stage
+    from stages.contract import RuntimeConfig
 
     root = write_tiny_split(tmp_path)
     inputs = {"data": root / "data", "proposals": root / "proposals"}
@@ -668,8 +668,8 @@ def test_train_stage_writes_checkpoints_model_and_plots_and_resumes(tmp_path):
 
 
 def test_train_stage_user_errors(tmp_path):
-    from stages.contract import RuntimeConfig
     from stages import train as stage
+    from stages.contract import RuntimeConfig
 
     root = write_tiny_split(tmp_path)
     inputs = {"data": root / "data", "proposals": root / "proposals"}

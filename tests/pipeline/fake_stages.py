@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from stages.contract import StageResult
 from pipeline.graph import build_graph
-from stages.contract import RuntimeConfig
+from stages.contract import RuntimeConfig, StageResult
 
 FAIL_ENV = "FAKE_STAGE_FAIL"  # name of a stage that raises
 DIE_ENV = "FAKE_STAGE_DIE"  # name of a stage that kills its process after its first piece

@@ -38,8 +38,9 @@ def test_unknown_stage_exits_2_listing_the_known_ones(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["status", "--config", "configs/nope.yaml"], "error: configs/nope.yaml: no such config file (give a path, or "
-                                                  "one of the shipped configs: " + ", ".join(shipped_configs()) + ")\n"),
+    (["status", "--config", "configs/nope.yaml"],
+     "error: configs/nope.yaml: no such config file (give a path, or one of the shipped configs: "
+     + ", ".join(shipped_configs()) + ")\n"),
     (["status", "-o", "seed=-1"], "error: -o seed=-1: seed: expected an integer >= 0, got -1 (fix the value or drop "
                                   "the -o to use 0)\n"),
     (["status", "-o", "runtime.workers=2"], "error: -o runtime.workers=2: runtime.workers: unknown key (did you mean "

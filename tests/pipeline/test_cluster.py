@@ -12,8 +12,8 @@ from pipeline import cluster
 from pipeline.cluster.tasks import Cluster, MapItemError, check_reachable, cluster_gpus, init_ray, ray_map
 from pipeline.graph import build_graph, select_stages
 from pipeline.runner import run_stages
-from stages.contract import RuntimeConfig
 from pipeline.tracking.client import Tracker, tracking_uri_for
+from stages.contract import RuntimeConfig
 from tests.pipeline import fake_stages
 
 PROJECT = Path(__file__).resolve().parents[2]

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 
 from ion.errors import UserError
-from pipeline.config import load_config
 from pipeline.commands.predict_images import make_predictor
+from pipeline.config import load_config
 
 
 def test_mcg_in_the_test_mix_is_left_out_and_said(tmp_path):

@@ -11,9 +11,9 @@ import pytest
 from mlflow import MlflowClient
 
 from ion.errors import UserError
+from pipeline.cache.store import MANIFEST, ArtifactStore, file_sha256
 from pipeline.graph import cache_keys
 from pipeline.runner import format_summary
-from pipeline.cache.store import MANIFEST, ArtifactStore, file_sha256
 from pipeline.tracking.client import tracking_uri_for
 from tests.pipeline import fake_stages
 from tests.pipeline.fake_stages import Beta, config, run

@@ -1,9 +1,9 @@
 """`pipeline status`: cached / stale / missing / modified per stage."""
 from __future__ import annotations
 
-from pipeline.graph import cache_keys
 from pipeline.cache.status import format_status, stage_statuses
 from pipeline.cache.store import ArtifactStore
+from pipeline.graph import cache_keys
 from tests.pipeline import fake_stages
 from tests.pipeline.fake_stages import Beta, config, run
 

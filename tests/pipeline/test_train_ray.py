@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from ion.engine.checkpoint import CheckpointFiles, load_checkpoint
-
 from ion.engine.loop import train
 from pipeline.cluster.tasks import init_ray, shutdown_ray
-from stages.contract import RuntimeConfig
 from pipeline.cluster.train import TrainerSetup, run_trainer
+from stages.contract import RuntimeConfig
 from stages.train_config import PhaseConfig
 from tests.ion.test_train_loop import NUM_IMAGES, TinyDetector, tiny_sample
 

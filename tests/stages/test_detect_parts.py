@@ -58,7 +58,8 @@ def test_killed_run_recomputes_only_the_missing_shards(smoke_run, tmp_path):
     assert [(t.split, t.shard.index) for t in tasks] == [("minival", lost)]
     assert (copy / "raw_minival_plain.h5").stat().st_mtime_ns == plain_mtime  # its store was written
     for which in SETS:  # the detector recomputes bit for bit on the CPU
-        resumed, first = _content(copy / f"raw_minival_{which}.h5"), _content(dirs["detect"] / f"raw_minival_{which}.h5")
+        resumed = _content(copy / f"raw_minival_{which}.h5")
+        first = _content(dirs["detect"] / f"raw_minival_{which}.h5")
         assert resumed["attrs"] == first["attrs"] and list(resumed["items"]) == list(first["items"])
         for image_id, arrays in first["items"].items():
             for x, y in zip(resumed["items"][image_id], arrays, strict=True):

@@ -14,7 +14,7 @@ from torchvision.ops import box_iou
 import stages.proposals as proposals_stage
 from ion.data.split import DetectionSplit
 from proposals.recall import IOU_THRESHOLDS, load_ground_truth
-from proposals.store import ProposalStore, ShardedWriter, read_shard
+from proposals.store import ProposalStore, ShardedWriter
 from tests.stages.conftest import FakeContext, copy_artifact
 
 SPLITS = ("train", "minival", "test")
