@@ -33,8 +33,7 @@ from ion.engine.loop import TrainSample, train
 from ion.engine.schedule import Phase
 from ion.inference.predict import predict_raw
 from ion.modeling.build import build_detector
-from ion.modeling.config import InputConfig, ModelConfig, RoiSamplingConfig
-from ion.modeling.context import ContextConfig
+from ion.modeling.config import ContextConfig, InputConfig, ModelConfig, RoiSamplingConfig
 from ion.modeling.irnn import four_direction_scan
 from ion.modeling.skip_pool import roi_pool_map
 

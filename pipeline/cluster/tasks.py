@@ -24,7 +24,8 @@ import ray
 from ion.errors import UserError
 from pipeline import PROJECT_ROOT
 from pipeline.execution.progress import Progress
-from pipeline.tracking.uri import TRACKING_URI_ENV, RuntimeConfig, tracking_uri_for
+from pipeline.tracking.uri import TRACKING_URI_ENV, tracking_uri_for
+from stages.contract import RuntimeConfig
 
 WORKDIR_ENV = "ION_WORKDIR"
 # Ray >= 2.5x turns token authentication on for every new local instance and

@@ -20,9 +20,10 @@ from ion.modeling.config import ModelConfig
 from ion.schema import Origin, apply_override, build, display_path, read_layered, section_json, to_yaml
 from pipeline import PROJECT_ROOT
 from pipeline.config.docs import config_reference as _reference_of
-from pipeline.tracking.uri import RuntimeConfig
 from proposals.config import ProposalsConfig
-from stages.config import DetectConfig, EvaluateConfig, TrainConfig, TuneConfig
+from stages.config import DetectConfig, EvaluateConfig, TuneConfig
+from stages.contract import RuntimeConfig
+from stages.train_config import TrainConfig
 
 __all__ = ["AblationConfig", "CONFIGS_DIR", "Config", "DEFAULT_CONFIG", "PROJECT_ROOT", "config_path", "RuntimeConfig",
            "config_reference", "load_config", "section_json", "to_yaml"]
@@ -85,21 +86,21 @@ class AblationConfig:
 class Config:
     name: str = field(default="default", metadata={"help": "run name: the MLflow experiment runs are filed under"})
     seed: int = field(default=0, metadata={"help": "seed of every random choice (data, sampling, init)", "min": 0})
-    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "datasets and splits (ion/data/config.py)"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "datasets and splits"})
     model: ModelConfig = field(default_factory=ModelConfig,
-                               metadata={"help": "the ION detector (ion/modeling/config.py)"})
+                               metadata={"help": "the ION detector"})
     proposals: ProposalsConfig = field(
-        default_factory=ProposalsConfig, metadata={"help": "proposal sources and mixing (proposals/config.py)"})
-    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training phases (stages/config.py)"})
+        default_factory=ProposalsConfig, metadata={"help": "proposal sources and mixing"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training phases"})
     detect: DetectConfig = field(
-        default_factory=DetectConfig, metadata={"help": "raw detections before NMS (stages/config.py)"})
+        default_factory=DetectConfig, metadata={"help": "raw detections before NMS"})
     tune: TuneConfig = field(
-        default_factory=TuneConfig, metadata={"help": "threshold search on minival (stages/config.py)"})
+        default_factory=TuneConfig, metadata={"help": "threshold search on minival"})
     evaluate: EvaluateConfig = field(
-        default_factory=EvaluateConfig, metadata={"help": "COCO evaluation on the test split (stages/config.py)"})
+        default_factory=EvaluateConfig, metadata={"help": "COCO evaluation on the test split"})
     runtime: RuntimeConfig = field(
         default_factory=RuntimeConfig,
-        metadata={"help": "where and how to run; part of no cache key (pipeline/tracking/uri.py)"})
+        metadata={"help": "where and how to run; part of no cache key"})
     ablation: AblationConfig = field(
         default_factory=AblationConfig,
         metadata={"help": "the paper's table row this config reproduces (ablation configs); part of no "

@@ -2,16 +2,20 @@
 
 `python -m pipeline config-docs` prints it; README.md links to it. One Markdown
 table per top-level section; nested dataclasses become dotted keys and lists of
-dataclasses `key[].field` rows.
+dataclasses `key[].field` rows. Every section names its dataclass and the file
+that defines it (read from the class, so it cannot point at a re-export).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import typing
+from pathlib import Path
 from typing import Any
 
 from ion.schema import bounds_text, describe_type, field_default, fields_of, to_plain
+from pipeline import PROJECT_ROOT
 
 
 def _help(cls: type, f: dataclasses.Field) -> str:
@@ -19,6 +23,15 @@ def _help(cls: type, f: dataclasses.Field) -> str:
     if not text:
         raise TypeError(f"config field {cls.__name__}.{f.name} has no metadata['help'] (every field needs one)")
     return " ".join(str(text).split())
+
+
+def defined_in(cls: type) -> str:
+    """The file that defines `cls`, relative to the project root (ion/data/config.py)."""
+    return Path(sys.modules[cls.__module__].__file__).resolve().relative_to(PROJECT_ROOT).as_posix()
+
+
+def _home(cls: type) -> str:
+    return f"`{cls.__name__}`, {defined_in(cls)}"
 
 
 def _cell(text: str) -> str:
@@ -40,12 +53,13 @@ def _rows(cls: type, prefix: str) -> list[str]:
         key = f"{prefix}{f.name}"
         default = field_default(f)
         if dataclasses.is_dataclass(tp):
-            rows.append(f"| `{key}` | section | | | {_cell(_help(cls, f))} |")
+            rows.append(f"| `{key}` | section | | | {_cell(_help(cls, f))} ({_home(tp)}) |")
             rows.extend(_rows(tp, f"{key}."))
             continue
         element = _element_dataclass(tp)
         if element is not None:
-            rows.append(f"| `{key}` | list of `{key}[]` | {len(default)} items | | {_cell(_help(cls, f))} |")
+            rows.append(f"| `{key}` | list of `{key}[]` | {len(default)} items | | "
+                        f"{_cell(_help(cls, f))} ({_home(element)}) |")
             rows.extend(_rows(element, f"{key}[]."))
             continue
         extra = " (relative to the config file)" if f.metadata.get("path") else ""
@@ -72,5 +86,6 @@ def config_reference(root: type) -> str:
                          f"| {bounds_text(f.metadata)} | {_cell(_help(root, f))} |")
         lines.append("")
     for f, tp in sections:
-        lines += [f"## {f.name}", "", _help(root, f), "", *_HEADER, *_rows(tp, ""), ""]
+        lines += [f"## {f.name}", "", f"{_help(root, f)}. Defined by {_home(tp)}.", "", *_HEADER,
+                  *_rows(tp, ""), ""]
     return "\n".join(lines)

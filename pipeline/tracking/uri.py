@@ -1,13 +1,10 @@
-"""Where the pipeline keeps its MLflow store, and the `runtime` config section
-(defined with the stage contract, stages/contract.py, re-exported here)."""
+"""Where the pipeline keeps its MLflow store: MLFLOW_TRACKING_URI, else the workdir's mlflow.db."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from stages.contract import RuntimeConfig
-
-__all__ = ["MLFLOW_DB", "TRACKING_URI_ENV", "RuntimeConfig", "tracking_uri_for"]
+__all__ = ["MLFLOW_DB", "TRACKING_URI_ENV", "tracking_uri_for"]
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 MLFLOW_DB = "mlflow.db"

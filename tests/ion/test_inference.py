@@ -4,8 +4,7 @@ import torch
 from ion.data.transforms import prepare
 from ion.inference.predict import predict_raw
 from ion.modeling.build import build_detector
-from ion.modeling.config import ModelConfig
-from ion.modeling.context import ContextConfig
+from ion.modeling.config import ContextConfig, ModelConfig
 from ion.modeling.detector import IONDetector
 from ion.ops.box_ops import clip_boxes_xyxy, decode_boxes
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ion.modeling.context import ContextConfig, IRNNContext, build_context
+from ion.modeling.config import ContextConfig
+from ion.modeling.context import IRNNContext, build_context
 from ion.modeling.irnn import (
     DIRECTIONS,
     FourDirectionIRNN,

@@ -625,8 +625,7 @@ class StageContext:
 def tiny_stage_config(**train):
     import types
 
-    from ion.modeling.config import InputConfig, ModelConfig, RoiSamplingConfig
-    from ion.modeling.context import ContextConfig
+    from ion.modeling.config import ContextConfig, InputConfig, ModelConfig, RoiSamplingConfig
 
     model = ModelConfig(width=0.0625, batchnorm=True, pool_from=("conv4", "conv5"), pool_size=3, fc_dim=16,
                         context=ContextConfig(kind="global"), seg_loss_weight=1.0,
