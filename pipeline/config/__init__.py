@@ -4,7 +4,7 @@
 
 Sections (docs/CONTRACTS.md): data, model, proposals, train, detect, tune,
 evaluate, runtime. The loading and validation rules are generic and live in
-ion/schema.py; this module fixes the root type and the defaults.
+ion/schema/; this module fixes the root type and the defaults.
 """
 from __future__ import annotations
 
