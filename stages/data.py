@@ -25,7 +25,8 @@ from PIL import Image, ImageDraw
 from ion.atomic import write_bytes_atomic
 from ion.data import synthetic
 from ion.data.categories import CategoryMap
-from ion.data.coco import SPLITS, CocoSplit, ValidationReport, build_coco_splits, subset
+from ion.data.coco import ValidationReport
+from ion.data.coco_splits import SPLITS, CocoSplit, build_coco_splits, subset
 from ion.data.config import CocoConfig, SyntheticConfig, VocConfig
 from ion.data.images import load_image
 from ion.data.split import INDEX_FILE

@@ -11,7 +11,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from ion.data.categories import CategoryMap
-from ion.data.coco import ValidationReport, build_coco_splits, minival_image_ids, read_coco, read_id_list
+from ion.data.coco import ValidationReport, read_coco
+from ion.data.coco_splits import build_coco_splits, minival_image_ids, read_id_list
 from ion.data.images import load_image
 from ion.data.split import ImageRecord, instance_masks
 from ion.errors import UserError
