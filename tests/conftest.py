@@ -27,8 +27,8 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """configs/smoke.yaml's whole pipeline, run once per session in-process
-    (tests/stages/conftest.py); tests read it or copy its artifacts."""
-    from tests.stages.conftest import run_smoke
+    (tests/helpers.py); tests read it or copy its artifacts."""
+    from tests.helpers import run_smoke
 
     yield from run_smoke(tmp_path_factory)
 

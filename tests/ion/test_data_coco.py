@@ -1,8 +1,6 @@
 """COCO reading and validation, the paper's splits, image decoding and the category map."""
 import copy
 import json
-import struct
-import zlib
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -16,6 +14,7 @@ from ion.data.coco_splits import build_coco_splits, minival_image_ids, read_id_l
 from ion.data.images import load_image
 from ion.data.split import ImageRecord, instance_masks
 from ion.errors import UserError
+from tests.helpers import png_header
 
 EXIF_ORIENTATION_TAG = 0x0112
 
@@ -133,17 +132,6 @@ def test_compressed_rle_mask():
 
 
 # ------------------------------------------------------------------ validation
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A 8-bit RGB PNG declaring width x height pixels with an empty IDAT: a few
-    dozen bytes, enough for PIL to read the size (and refuse it as a bomb)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"") + _png_chunk(b"IEND", b"")
 
 
 def _tiny(tmp_path):

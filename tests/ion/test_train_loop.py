@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
 
 from ion.engine.checkpoint import CheckpointFiles, load_checkpoint
 from ion.engine.loop import NonFiniteLossError, TrainSample, enter_phase, train
@@ -24,69 +22,7 @@ from ion.engine.optim import build_optimizer, momentum_buffers
 from ion.engine.schedule import ImageOrder, image_order, phase_lr, step_positions
 from ion.errors import Interrupted, UserError
 from stages.train_config import PhaseConfig, TrainConfig
-
-GROUPS = ("conv1", "conv2", "conv3", "conv4", "conv5")
-NUM_IMAGES = 7  # not a multiple of 4: minibatches straddle epochs
-IMAGE_SIZE = 16
-NUM_PROPOSALS = 8
-SAMPLED_ROIS = 5
-
-
-class TinyBackbone(nn.Module):
-    """Five 3x3 convs named like VGG16's groups; set_frozen as ion/modeling/backbone.py."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        channels = (3, 4, 4, 4, 4, 4)
-        strides = (1, 2, 2, 1, 1)
-        for i, name in enumerate(GROUPS):
-            setattr(self, name, nn.Conv2d(channels[i], channels[i + 1], 3, stride=strides[i], padding=1))
-
-    def set_frozen(self, groups: tuple[str, ...]) -> None:
-        for name in GROUPS:
-            for p in getattr(self, name).parameters():
-                p.requires_grad_(name not in groups)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for name in GROUPS:
-            x = torch.relu(getattr(self, name)(x))
-        return x  # (1, 4, H/4, W/4)
-
-
-class TinyDetector(nn.Module):
-    """ROI features from the backbone, a random subset of ROIs, dropout, two heads."""
-
-    def __init__(self, num_classes: int = 3) -> None:
-        super().__init__()
-        self.backbone = TinyBackbone()
-        self.dropout = nn.Dropout(0.5)
-        self.cls = nn.Linear(4 * 2 * 2, num_classes + 1)
-        self.box = nn.Linear(4 * 2 * 2, 4)
-
-    def forward(self, image, proposals, targets):
-        feat = self.backbone(image)
-        rois = roi_align(feat, [proposals], output_size=2, spatial_scale=0.25, aligned=True)  # (P, 4, 2, 2)
-        keep = torch.randperm(proposals.shape[0], device=proposals.device)[:SAMPLED_ROIS]  # ROI sampling
-        x = self.dropout(rois[keep].flatten(1))  # (R, 16)
-        return {"cls": F.cross_entropy(self.cls(x), targets["labels"][keep]),
-                "bbox": F.smooth_l1_loss(self.box(x), targets["deltas"][keep])}
-
-
-def tiny_sample(index: int, phase_index: int, rng: np.random.Generator) -> TrainSample:
-    """Image `index` (fixed content), proposals shifted per phase (another proposal
-    set), flipped when the position's Generator says so."""
-    g = np.random.default_rng(1000 + index)
-    image = torch.from_numpy(g.standard_normal((1, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32))
-    xy = g.uniform(0, 10, size=(NUM_PROPOSALS, 2))
-    wh = g.uniform(3, 6, size=(NUM_PROPOSALS, 2)) + phase_index
-    boxes = torch.from_numpy(np.concatenate([xy, np.minimum(xy + wh, IMAGE_SIZE)], axis=1).astype(np.float32))
-    labels = torch.from_numpy(g.integers(0, 4, size=NUM_PROPOSALS))
-    deltas = torch.from_numpy(g.standard_normal((NUM_PROPOSALS, 4)).astype(np.float32))
-    if rng.random() < 0.5:
-        image = image.flip(-1)
-        boxes = torch.stack([IMAGE_SIZE - boxes[:, 2], boxes[:, 1], IMAGE_SIZE - boxes[:, 0], boxes[:, 3]], dim=1)
-    return TrainSample(image=image, proposals=boxes, targets={"labels": labels, "deltas": deltas})
-
+from tests.helpers import NUM_IMAGES, TinyDetector, tiny_sample
 
 TWO_PHASES = (
     PhaseConfig(name="first", iterations=5, frozen=("conv1",), lr_start=0.05, lr_end=0.01, momentum=0.9),

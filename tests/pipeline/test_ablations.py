@@ -23,7 +23,7 @@ from pipeline.commands.ablations import (
 )
 from pipeline.config import DEFAULT_CONFIG, PROJECT_ROOT, AblationConfig, load_config
 from pipeline.graph import cache_keys, registered_stages
-from tests.stages.conftest import copy_artifact
+from tests.helpers import copy_artifact
 
 SMOKE = PROJECT_ROOT / "configs" / "smoke.yaml"
 ABLATION_FILES = sorted(ABLATIONS_DIR.glob("*.yaml"))

@@ -17,7 +17,7 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.config import PROJECT_ROOT
 from tests.conftest import SHARED
-from tests.stages.conftest import SMOKE_CONFIG
+from tests.helpers import SMOKE_CONFIG
 
 COCO_MINI = SHARED / "data" / "coco-mini" / "val2017"
 PHOTO_SIDE = 160  # photos shrunk so selective search takes a second, not ten

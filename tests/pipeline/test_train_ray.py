@@ -13,7 +13,7 @@ from pipeline.cluster.tasks import init_ray, shutdown_ray
 from pipeline.cluster.train import TrainerSetup, run_trainer
 from stages.contract import RuntimeConfig
 from stages.train_config import PhaseConfig
-from tests.ion.test_train_loop import NUM_IMAGES, TinyDetector, tiny_sample
+from tests.helpers import NUM_IMAGES, TinyDetector, tiny_sample
 
 PHASES = (
     PhaseConfig(name="first", iterations=4, frozen=("conv1",), lr_start=0.05, lr_end=0.01),

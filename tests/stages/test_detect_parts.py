@@ -10,8 +10,7 @@ import stages.detect as detect_stage
 import stages.evaluate as evaluate_stage
 from ion.data.split import DetectionSplit
 from proposals.store import ProposalStore, ShardedWriter
-from tests.stages.conftest import FakeContext, copy_artifact
-from tests.stages.test_detect_tune_evaluate import _without_test_annotations
+from tests.helpers import FakeContext, copy_artifact, without_test_annotations
 
 SETS = ("plain", "round1", "flip")
 
@@ -95,7 +94,7 @@ def test_split_without_annotations_reads_only_the_final_candidates(smoke_run, tm
     # Test-dev writes the final setting alone: the other settings' candidate sets
     # (unflipped, round 1) are not read, so a detect output without them serves.
     dirs = smoke_run.dirs
-    data = _without_test_annotations(dirs["data"], tmp_path / "data")
+    data = without_test_annotations(dirs["data"], tmp_path / "data")
     detect = tmp_path / "detect"
     detect.mkdir()
     (detect / "raw_test_flip.h5").symlink_to(dirs["detect"] / "raw_test_flip.h5")

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import PROJECT_ROOT
-from tests.stages.conftest import copy_artifact
+from tests.helpers import copy_artifact
 
 ITERATIONS = (20, 10)
 
