@@ -267,3 +267,61 @@ def png_header(width: int, height: int) -> bytes:
     dozen bytes, enough for PIL to read the size (and refuse it as a bomb)."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", b"") + png_chunk(b"IEND", b"")
+
+
+def assert_states_equal(a: dict, b: dict) -> None:
+    """Bitwise equality of nested state dicts (weights, optimizer state)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_states_equal(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_states_equal(x, y)
+    else:
+        assert a == b
+
+
+CATEGORY_IDS = (3, 7)  # COCO-style ids with a gap: labels 1, 2
+
+
+def write_tiny_split(root: Path, *, num_images: int = 5) -> Path:
+    """A data stage output (docs/CONTRACTS.md) with `num_images` 48x64 PNGs, one
+    rectangle object each (a crowd box on image 1, no object on the last image),
+    and a mixed_train.h5 proposal store beside it."""
+    import json
+
+    from PIL import Image
+
+    from proposals.store import write_store
+
+    data, props = root / "data", root / "proposals"
+    (data / "images" / "train").mkdir(parents=True)
+    (data / "annotations").mkdir()
+    props.mkdir()
+    g = np.random.default_rng(0)
+    images, annotations, items = [], [], []
+    for i in range(num_images):
+        pixels = g.integers(0, 60, size=(48, 64, 3), dtype=np.uint8)
+        x, y, w, h = 8 + 4 * i, 10, 20, 16
+        if i < num_images - 1:
+            pixels[y:y + h, x:x + w] = (200, 40 * i, 90)
+            annotations.append({"id": i + 1, "image_id": 100 + i, "category_id": CATEGORY_IDS[i % 2],
+                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": int(i == 1),
+                                "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+        Image.fromarray(pixels).save(data / "images" / "train" / f"{i}.png")
+        images.append({"id": 100 + i, "file_name": f"{i}.png", "width": 64, "height": 48})
+        boxes = np.concatenate([g.uniform(0, 30, (20, 2)), g.uniform(34, 64, (20, 2))], 1)[:, [0, 1, 2, 3]]
+        boxes[:, 3] = np.minimum(boxes[:, 3], 48)
+        items.append((100 + i, boxes.astype(np.float32), np.linspace(1, 0, 20, dtype=np.float32)))
+    categories = [{"id": c, "name": f"class{c}", "supercategory": "shape"} for c in CATEGORY_IDS]
+    (data / "annotations" / "train.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations, "categories": categories}))
+    (data / "index.json").write_text(json.dumps({"splits": {"train": {
+        "annotations": "annotations/train.json", "image_dir": "images/train", "has_annotations": True,
+        "num_images": num_images}}, "categories": categories}))
+    write_store(props / "mixed_train.h5", items, attrs={"source": "mix"})
+    return root

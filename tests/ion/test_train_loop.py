@@ -1,10 +1,8 @@
-"""The training engine (ion/engine/) on a tiny detector-shaped model.
-
-TinyDetector has what the loop relies on: forward(image, proposals, targets)
--> loss dict, backbone.set_frozen(groups), dropout and random ROI sampling
-(so the per-image RNG handling is exercised). It is also used by
-tests/pipeline/test_train_ray.py.
-"""
+"""The training engine (ion/engine/) on a tiny detector-shaped model
+(tests/helpers.py's TinyDetector: forward(image, proposals, targets) -> loss
+dict, backbone.set_frozen(groups), dropout and random ROI sampling, so the
+per-image RNG handling is exercised). The train stage's own tests are in
+tests/stages/test_train_stage.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +20,7 @@ from ion.engine.optim import build_optimizer, momentum_buffers
 from ion.engine.schedule import ImageOrder, image_order, phase_lr, step_positions
 from ion.errors import Interrupted, UserError
 from stages.train_config import PhaseConfig, TrainConfig
-from tests.helpers import NUM_IMAGES, TinyDetector, tiny_sample
+from tests.helpers import NUM_IMAGES, TinyDetector, assert_states_equal, tiny_sample, write_tiny_split
 
 TWO_PHASES = (
     PhaseConfig(name="first", iterations=5, frozen=("conv1",), lr_start=0.05, lr_end=0.01, momentum=0.9),
@@ -44,22 +42,6 @@ def run(directory: Path, *, phases=TWO_PHASES, resume=None, get_sample=tiny_samp
     result = train(model=model, phases=phases, num_images=NUM_IMAGES, get_sample=get_sample,
                    save_checkpoint=files, resume=resume, **settings)
     return model, result, files
-
-
-def assert_states_equal(a: dict, b: dict) -> None:
-    """Bitwise equality of nested state dicts (weights, optimizer state)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_states_equal(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_states_equal(x, y)
-    else:
-        assert a == b
 
 
 def without_speed(history: list[dict]) -> list[dict]:
@@ -470,48 +452,6 @@ def test_momentum_099_with_lr_over_10_keeps_the_effective_step(tmp_path, semanti
 # ---------------------------------------------------------------- training samples and the stage (tiny data set)
 
 
-CATEGORY_IDS = (3, 7)  # COCO-style ids with a gap: labels 1, 2
-
-
-def write_tiny_split(root: Path, *, num_images: int = 5) -> Path:
-    """A data stage output (docs/CONTRACTS.md) with `num_images` 48x64 PNGs, one
-    rectangle object each (a crowd box on image 1, no object on the last image),
-    and a mixed_train.h5 proposal store beside it."""
-    import json
-
-    from PIL import Image
-
-    from proposals.store import write_store
-
-    data, props = root / "data", root / "proposals"
-    (data / "images" / "train").mkdir(parents=True)
-    (data / "annotations").mkdir()
-    props.mkdir()
-    g = np.random.default_rng(0)
-    images, annotations, items = [], [], []
-    for i in range(num_images):
-        pixels = g.integers(0, 60, size=(48, 64, 3), dtype=np.uint8)
-        x, y, w, h = 8 + 4 * i, 10, 20, 16
-        if i < num_images - 1:
-            pixels[y:y + h, x:x + w] = (200, 40 * i, 90)
-            annotations.append({"id": i + 1, "image_id": 100 + i, "category_id": CATEGORY_IDS[i % 2],
-                                "bbox": [x, y, w, h], "area": w * h, "iscrowd": int(i == 1),
-                                "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
-        Image.fromarray(pixels).save(data / "images" / "train" / f"{i}.png")
-        images.append({"id": 100 + i, "file_name": f"{i}.png", "width": 64, "height": 48})
-        boxes = np.concatenate([g.uniform(0, 30, (20, 2)), g.uniform(34, 64, (20, 2))], 1)[:, [0, 1, 2, 3]]
-        boxes[:, 3] = np.minimum(boxes[:, 3], 48)
-        items.append((100 + i, boxes.astype(np.float32), np.linspace(1, 0, 20, dtype=np.float32)))
-    categories = [{"id": c, "name": f"class{c}", "supercategory": "shape"} for c in CATEGORY_IDS]
-    (data / "annotations" / "train.json").write_text(json.dumps(
-        {"images": images, "annotations": annotations, "categories": categories}))
-    (data / "index.json").write_text(json.dumps({"splits": {"train": {
-        "annotations": "annotations/train.json", "image_dir": "images/train", "has_annotations": True,
-        "num_images": num_images}}, "categories": categories}))
-    write_store(props / "mixed_train.h5", items, attrs={"source": "mix"})
-    return root
-
-
 def test_training_sample_resizes_flips_and_maps_labels(tmp_path):
     from ion.data.split import DetectionSplit
     from ion.data.train_samples import training_sample
@@ -531,87 +471,3 @@ def test_training_sample_resizes_flips_and_maps_labels(tmp_path):
     torch.testing.assert_close(flipped.image, plain.image.flip(-1))
     torch.testing.assert_close(flipped.proposals, torch.tensor([[22.0, 3.0, 30.0, 15.0]]))  # x -> 32 - x
     assert torch.equal(flipped.targets["masks"], plain.targets["masks"].flip(-1))
-
-
-class StageContext:
-    """The parts of stages.contract.StageContext the train stage uses."""
-
-    def __init__(self, runtime) -> None:
-        self.runtime = runtime
-        self.workdir = None
-        self.logged: list[tuple[int, dict]] = []
-
-    def log_metrics(self, metrics, step=None):
-        self.logged.append((step, metrics))
-
-    def progress(self, iterable, desc, total=None, unit="items"):
-        return iterable
-
-    def log_model(self, artifacts):
-        self.models = dict(artifacts)
-
-    def train_placement(self, workers=None):
-        return False, False  # one CPU process, as RunContext for train_workers 1 on the CPU
-
-    def graceful_stop(self):
-        import contextlib
-        return contextlib.nullcontext(lambda: False)
-
-
-def tiny_stage_config(**train):
-    import types
-
-    from ion.modeling.config import ContextConfig, InputConfig, ModelConfig, RoiSamplingConfig
-
-    model = ModelConfig(width=0.0625, batchnorm=True, pool_from=("conv4", "conv5"), pool_size=3, fc_dim=16,
-                        context=ContextConfig(kind="global"), seg_loss_weight=1.0,
-                        input=InputConfig(min_size=48, max_size=64), sampling=RoiSamplingConfig(rois_per_image=16))
-    phases = (PhaseConfig(name="scratch", iterations=3, lr_start=0.01, lr_end=0.005),
-              PhaseConfig(name="tune", iterations=2, frozen=("conv1",), lr_start=0.005, lr_end=0.001))
-    settings = dict(phases=phases, checkpoint_every=2, log_every=1, loader_threads=1)
-    settings.update(train)
-    return types.SimpleNamespace(seed=0, model=model, train=TrainConfig(**settings))
-
-
-def test_train_stage_writes_checkpoints_model_and_plots_and_resumes(tmp_path):
-    from stages import train as stage
-    from stages.contract import RuntimeConfig
-
-    root = write_tiny_split(tmp_path)
-    inputs = {"data": root / "data", "proposals": root / "proposals"}
-    cfg = tiny_stage_config()
-    ctx = StageContext(RuntimeConfig(device="cpu"))
-    out = tmp_path / "out"
-    out.mkdir()
-    result = stage.run(cfg, inputs, out, ctx)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt", "phase0_scratch.pt",
-                                                                       "phase1_tune.pt"]
-    assert sorted(p.name for p in (out / "plots").iterdir()) == ["loss_phase0_scratch.png", "loss_phase1_tune.png"]
-    assert [step for step, _ in ctx.logged] == [1, 2, 3, 4, 5]
-    assert {"loss", "loss_cls", "loss_bbox", "loss_seg", "lr", "grad_norm", "images_per_s"} <= set(ctx.logged[0][1])
-    assert result.metrics["iterations"] == 5.0 and math.isfinite(result.metrics["final_loss"])
-    model, model_cfg = stage.load_trained_detector(out, device=torch.device("cpu"))
-    assert model_cfg == dataclasses.replace(cfg.model, imagenet_weights=None) and not model.training
-    last = load_checkpoint(out / "checkpoints" / "last.pt")
-    assert_states_equal(model.state_dict(), last["model"])
-
-    # A rerun with the same key (same out) resumes: nothing left to do, same weights.
-    (out / "final.pt").unlink()
-    again = stage.run(cfg, inputs, out, StageContext(RuntimeConfig(device="cpu")))
-    assert "resumed at iteration 5" in again.summary[0]
-    assert_states_equal(load_checkpoint(out / "final.pt")["model"], last["model"])
-
-
-def test_train_stage_user_errors(tmp_path):
-    from stages import train as stage
-    from stages.contract import RuntimeConfig
-
-    root = write_tiny_split(tmp_path)
-    inputs = {"data": root / "data", "proposals": root / "proposals"}
-    cfg = tiny_stage_config(phases=(PhaseConfig(name="ss", iterations=1, proposals="selective_search"),))
-    with pytest.raises(UserError, match=r"train.phases\[0\].proposals: 'selective_search' needs .*"
-                                        r"selective_search_train.h5"):
-        stage.run(cfg, inputs, tmp_path / "out", StageContext(RuntimeConfig(device="cpu")))
-    with pytest.raises(UserError, match="runtime.train_workers: 3 does not divide train.images_per_batch 4"):
-        stage.run(tiny_stage_config(), inputs, tmp_path / "out",
-                  StageContext(RuntimeConfig(device="cpu", train_workers=3)))
