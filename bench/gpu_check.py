@@ -139,8 +139,10 @@ def checks(device: torch.device, *, tiny: bool = False) -> list[tuple[str, str]]
     second = run_training(device, tiny=tiny)
     lines = [("losses, CPU fp32", " ".join(f"{v:.6f}" for v in cpu["losses"]) + f"  ({_seconds(cpu)})"),
              (f"losses, {device} fp32", " ".join(f"{v:.6f}" for v in first["losses"]) + f"  ({_seconds(first)})"),
-             (f"{device} fp32 vs CPU fp32: max relative loss difference", f"{max_relative(first['losses'], cpu['losses']):.2e}"),
-             (f"{device} fp32 vs CPU fp32: max |weight difference|", f"{weight_difference(first['state'], cpu['state'])[1]:.2e}")]
+             (f"{device} fp32 vs CPU fp32: max relative loss difference",
+              f"{max_relative(first['losses'], cpu['losses']):.2e}"),
+             (f"{device} fp32 vs CPU fp32: max |weight difference|",
+              f"{weight_difference(first['state'], cpu['state'])[1]:.2e}")]
     equal, diff = weight_difference(second["state"], first["state"])
     lines.append((f"{device} run to run: weights bitwise equal", f"{equal} (max |difference| {diff:.2e})"))
     if device.type == "cuda":
