@@ -88,3 +88,19 @@ def test_a_device_cpu_run_gives_its_workers_and_its_local_ray_no_gpu(tmp_path):
     auto = RuntimeConfig(workdir=str(tmp_path), device="auto", num_workers=3)
     assert "CUDA_VISIBLE_DEVICES" not in worker_env(auto, TRACKING_URI)
     assert local_resources(auto) == {"num_cpus": 3, "num_gpus": None}  # Ray counts the machine's GPUs
+
+
+def test_predict_asks_its_cluster_for_gpus(tmp_path):
+    from pipeline.predict_command import _stream
+    from stages.predict_images import predict_task
+
+    class Recording:
+        calls = []
+
+        def map(self, fn, items, desc, gpu=False):
+            self.calls.append((fn, list(items), gpu))
+            return [[] for _ in items]
+
+    cluster = Recording()
+    assert _stream(["task-1", "task-2"], cluster, tmp_path / "detections.json", total=2, chunk=8) == 0
+    assert cluster.calls == [(predict_task, ["task-1", "task-2"], True)]  # Cluster.map applies runtime.device
