@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import ray
 
-from pipeline.cluster import Cluster, MapItemError, local_resources, ray_map, worker_env
+from pipeline.cluster import Cluster, MapItemError, _gpu_actor_cpus, local_resources, ray_map, worker_env
 from pipeline.run_context import RunContext
 from stages.contract import RuntimeConfig
 from tests.pipeline import gpu_probe
@@ -61,6 +61,11 @@ def _gpus_freed() -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+def test_gpu_workers_share_the_cpus_when_there_are_more_gpus(gpu_cluster):
+    # A local instance has runtime.num_workers CPUs: 2 here, against 2 or 4 GPU workers.
+    assert _gpu_actor_cpus(2) == 1.0 and _gpu_actor_cpus(4) == 0.5
 
 
 def test_a_failing_item_on_the_gpu_workers_names_the_item(gpu_cluster):
