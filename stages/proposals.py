@@ -37,7 +37,7 @@ from proposals.selective_search import selective_search_isolated
 from proposals.store import ProposalStore, Shard, ShardedWriter, remove_parts, write_shard, write_store
 from stages.contract import StageContext, StageResult
 from stages.helpers.rpn_training import train_rpn_stage
-from stages.helpers.worker_cache import cached
+from stages.helpers.worker_cache import cached, worker_device
 
 NAME = "proposals"
 VERSION = "1"
@@ -171,15 +171,14 @@ def _task_settings(group: str, settings: dict, shard: Shard) -> dict:
 def _rpn_model(weights: str, rcfg: RpnConfig) -> torch.nn.Module:
     """The RPN, loaded once per worker process (a task per shard would reload it);
     the file's mtime is in the key, so retrained weights are reloaded."""
-    def load() -> torch.nn.Module:
-        model = load_rpn(Path(weights), rcfg)
-        return model.cuda() if torch.cuda.is_available() else model
-    return cached("rpn", (weights, os.path.getmtime(weights)), load)
+    return cached("rpn", (weights, os.path.getmtime(weights)),
+                  lambda: load_rpn(Path(weights), rcfg).to(worker_device()))
 
 
 def compute_shard(task: ShardTask) -> int:
     """A Ray task: compute and save one shard of one source group; returns the image count."""
-    torch.set_num_threads(1)  # one task per core: Ray's tasks are the parallelism
+    if worker_device().type == "cpu":
+        torch.set_num_threads(1)  # one task per core: Ray's tasks are the parallelism
     per_source: dict[str, list] = {s: [] for s in task.parts_dirs}
     settings = task.settings
     for image_id, path, width, height in task.images:

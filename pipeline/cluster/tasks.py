@@ -8,6 +8,16 @@ import stages/, ion/ and proposals/ (on a cluster the project must be at the
 same path on every node, or installed there).
 
 `ray_map` runs `fn(item)` as Ray tasks with progress lines (pipeline/execution/progress.py), results in item order.
+
+Placement: a map that may use GPUs runs on one actor per GPU (Ray's own
+accounting gives each its GPU through CUDA_VISIBLE_DEVICES), so a worker
+loads its model once per stage and keeps it (stages/helpers/worker_cache.py); a Ray
+task asking for a GPU would be given `max_calls=1` by Ray and start a fresh
+process, CUDA and model load for every shard. Every other task gets
+CUDA_VISIBLE_DEVICES="" explicitly: Ray >= 2.5x no longer sets it for tasks
+that hold no GPU, and they would otherwise see, and use, every GPU of the
+node outside Ray's accounting. `runtime.device: cpu` also hides the GPUs from
+every worker of the run (Ray Train's included) and gives a local instance none.
 """
 from __future__ import annotations
 
@@ -37,6 +47,8 @@ _TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 _AUTH_MODE_ENV = "RAY_AUTH_MODE"
 _WAIT_BATCH = 64
 _ITEM_REPR = 200
+HIDE_GPUS = {"CUDA_VISIBLE_DEVICES": ""}  # what a worker that holds no GPU sees
+_CALLS_PER_ACTOR = 2  # queued on each GPU actor: the next item is there when one finishes
 
 
 class MapItemError(RuntimeError):
@@ -54,10 +66,19 @@ def _short_repr(item: Any) -> str:
 
 
 def worker_env(runtime: RuntimeConfig, tracking_uri: str) -> dict[str, str]:
-    """Environment variables every Ray worker gets."""
+    """Environment variables every Ray worker gets (no GPU visible with runtime.device cpu)."""
     paths = [str(PROJECT_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)), WORKDIR_ENV: str(runtime.workdir),
-            TRACKING_URI_ENV: tracking_uri}
+    env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(paths)), WORKDIR_ENV: str(runtime.workdir),
+           TRACKING_URI_ENV: tracking_uri}
+    return {**env, **HIDE_GPUS} if runtime.device == "cpu" else env
+
+
+def local_resources(runtime: RuntimeConfig) -> dict[str, Any]:
+    """ray.init's resources for a local instance: runtime.num_workers CPUs; every GPU
+    Ray detects on the machine (None: Ray counts them), none with runtime.device cpu.
+    GPU actors take at most one of those CPUs each, less when there are more GPUs
+    than CPUs (`_gpu_actor_cpus`), so every GPU is used whatever num_workers says."""
+    return {"num_cpus": runtime.num_workers, "num_gpus": 0 if runtime.device == "cpu" else None}
 
 
 def init_ray(runtime: RuntimeConfig, *, tracking_uri: str | None = None) -> bool:
@@ -76,7 +97,7 @@ def init_ray(runtime: RuntimeConfig, *, tracking_uri: str | None = None) -> bool
     logging.getLogger(_TOKEN_NOTICE_LOGGER).setLevel(logging.ERROR)
     if address is None:
         with _own_sigterm_handler():
-            ray.init(num_cpus=runtime.num_workers, include_dashboard=False, **common)
+            ray.init(**local_resources(runtime), include_dashboard=False, **common)
         return True
     source = "runtime.ray_address" if runtime.ray_address else "RAY_ADDRESS"
     check_reachable(address, source=source)
@@ -161,15 +182,20 @@ def cluster_gpus() -> float:
 def ray_map(fn: Callable[[Any], Any], items: Iterable[Any], desc: str, gpu: bool = False) -> list:
     """`[fn(item) for item in items]` as Ray tasks, in item order, with a progress bar.
 
-    `fn` must be a module-level function (workers import it by name). With `gpu`,
-    each task asks for one GPU only if the cluster has one. The first failing task
-    cancels the rest and raises: a `UserError` stays a `UserError` (the item added
-    to its message), anything else becomes `MapItemError` naming the item.
+    `fn` must be a module-level function (workers import it by name). With `gpu`
+    and GPUs in the cluster, the items go to one actor per GPU (at most one per
+    item), each holding its GPU until the map ends; otherwise they are tasks that
+    see no GPU (module docstring). The first failing item stops the rest and
+    raises: a `UserError` stays a `UserError` (the item added to its message),
+    anything else becomes `MapItemError` naming the item.
     """
     items = list(items)
     if not items:
         return []
-    remote = ray.remote(num_gpus=1)(fn) if gpu and cluster_gpus() >= 1 else ray.remote(fn)
+    gpus = int(cluster_gpus()) if gpu else 0
+    if gpus >= 1:
+        return _actor_map(fn, items, desc, actors=min(gpus, len(items)))
+    remote = ray.remote(fn).options(runtime_env={"env_vars": dict(HIDE_GPUS)})
     refs = [remote.remote(item) for item in items]
     index = {ref: i for i, ref in enumerate(refs)}
     results: list[Any] = [None] * len(items)
@@ -186,6 +212,57 @@ def ray_map(fn: Callable[[Any], Any], items: Iterable[Any], desc: str, gpu: bool
                         ray.cancel(other)
                     raise _item_error(desc, i, items[i], err) from _cause(err)
                 bar.update(1)
+    return results
+
+
+class _GpuWorker:
+    """A Ray actor holding one GPU for the length of a map: `fn` runs in this one
+    process for every item it gets, so what `fn` caches (the model) is loaded once."""
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self._fn = fn
+
+    def call(self, item: Any) -> Any:
+        return self._fn(item)
+
+
+def _gpu_actor_cpus(actors: int) -> float:
+    """One CPU per GPU actor (it decodes images and feeds its GPU), shared when the
+    cluster has fewer CPUs than actors, so that no GPU waits for a CPU."""
+    return min(1.0, float(ray.cluster_resources().get("CPU", 1.0)) / actors)
+
+
+def _actor_map(fn: Callable[[Any], Any], items: list, desc: str, *, actors: int) -> list:
+    """`ray_map` on `actors` GPU actors, each given the next item as it finishes one."""
+    worker = ray.remote(_GpuWorker).options(num_gpus=1, num_cpus=_gpu_actor_cpus(actors))
+    pool = [worker.remote(fn) for _ in range(actors)]
+    results: list[Any] = [None] * len(items)
+    running: dict[Any, tuple[int, Any]] = {}  # ref -> (item index, actor)
+    upcoming = iter(range(len(items)))
+
+    def submit(actor: Any) -> None:
+        i = next(upcoming, None)
+        if i is not None:
+            running[actor.call.remote(items[i])] = (i, actor)
+
+    try:
+        for actor in pool:
+            for _ in range(_CALLS_PER_ACTOR):
+                submit(actor)
+        with Progress(desc, total=len(items), unit="items") as bar:
+            while running:
+                done, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+                for ref in done:
+                    i, actor = running.pop(ref)
+                    try:
+                        results[i] = ray.get(ref)
+                    except Exception as err:  # noqa: BLE001 (re-raised below, with the item)
+                        raise _item_error(desc, i, items[i], err) from _cause(err)
+                    bar.update(1)
+                    submit(actor)
+    finally:
+        for actor in pool:  # frees the GPUs (and their memory) for the next stage
+            ray.kill(actor)
     return results
 
 
@@ -212,8 +289,9 @@ class Cluster:
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any] | Iterable[Any], desc: str,
             gpu: bool = False) -> list:
+        """`ray_map`; `gpu` (the items may use a GPU) counts only where runtime.device is not cpu."""
         init_ray(self.runtime, tracking_uri=self.tracking_uri)
-        return ray_map(fn, items, desc, gpu=gpu)
+        return ray_map(fn, items, desc, gpu=gpu and self.runtime.device != "cpu")
 
     def close(self) -> None:
         """Shut Ray down if it came up during this invocation (here or in a stage's Ray Train run)."""

@@ -198,7 +198,8 @@ def _stream(tasks: list, cluster: Any, path: Path, *, total: int, chunk: int) ->
             tqdm(total=total, desc="predict", unit="image", disable=None) as bar:
         f.write("[")
         for start in range(0, len(tasks), chunk):
-            for entries in cluster.map(predict_task, tasks[start:start + chunk], desc="predict tasks"):
+            # gpu: one actor per GPU holds the models when runtime.device allows (pipeline/cluster/tasks.py).
+            for entries in cluster.map(predict_task, tasks[start:start + chunk], desc="predict tasks", gpu=True):
                 for entry in entries:
                     for result in entry["results"]:
                         f.write(("\n" if count == 0 else ",\n") + json.dumps(result, separators=(",", ":")))

@@ -34,7 +34,7 @@ from proposals.rpn.config import RpnConfig
 from proposals.rpn.generate import generate_proposals_all
 from proposals.rpn.model import VARIANTS, load_rpn
 from proposals.selective_search import selective_search_isolated
-from stages.helpers.worker_cache import cached
+from stages.helpers.worker_cache import cached, worker_device
 from stages.train import MODEL_FILE, load_trained_detector
 
 RPN_FILE = "rpn.pt"
@@ -113,7 +113,7 @@ def categories_of(model_dir: Path) -> CategoryMap:
 
 
 def _models(p: Predictor):
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = worker_device()
     detector, model_cfg = cached("predict-detector", p.model_dir,
                                  lambda: load_trained_detector(Path(p.model_dir), device=device))
     rpn = None
@@ -179,7 +179,7 @@ class PredictTask:
 def predict_task(task: PredictTask) -> list[dict[str, Any]]:
     """A Ray task: detect, draw, and return one entry per image:
     {"image_id", "file_name", "width", "height", "results": COCO results dicts}."""
-    if not torch.cuda.is_available():
+    if worker_device().type == "cpu":
         torch.set_num_threads(1)  # one task per core: Ray's tasks are the parallelism
     _, _, _, categories = _models(task.predictor)
     entries = []

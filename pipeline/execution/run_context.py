@@ -63,8 +63,8 @@ class RunContext:
         self._run.log_params(params)
 
     def map(self, fn: Callable[[Any], T], items: Sequence[Any], desc: str, gpu: bool = False) -> list[T]:
-        # runtime.device cpu keeps the tasks off the GPUs: a task that asks for none
-        # gets CUDA_VISIBLE_DEVICES="" from Ray, so its torch.cuda.is_available() is False.
+        # runtime.device cpu keeps the tasks off the GPUs: a task that holds none
+        # sees CUDA_VISIBLE_DEVICES="" (pipeline/cluster/tasks.py), so it stays on the CPU.
         return self._mapper.map(fn, items, desc, gpu=gpu and self.runtime.device != "cpu")
 
     def progress(self, iterable: Iterable[T], desc: str, total: int | None = None,
