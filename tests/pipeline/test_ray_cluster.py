@@ -107,7 +107,11 @@ def head() -> Iterator[Head]:
     command = [str(RAY_EXE), "start", "--head", f"--port={port}", f"--num-cpus={HEAD_CPUS}", "--num-gpus=0",
                # the dashboard serves the state API (list_jobs/list_tasks) the test asks
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-               f"--ray-client-server-port={_free_port()}", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+               f"--ray-client-server-port={_free_port()}", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+               # the agents' own ports: another Ray on this machine may hold the defaults (52365: the
+               # job agent, without which `ray job submit` answers "No available agent")
+               f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+               f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
     # A session of its own: every process of this head (and its workers) carries its id.
     proc = subprocess.Popen(command, env={**_base_env(), **auth_env}, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -204,9 +208,8 @@ def test_ray_job_submit_with_the_project_as_working_dir(head, workdir):
     # The cluster's Python runs the entrypoint (the README's `python`: the one the cluster has).
     command = ["--no-wait", "--working-dir", ".", "--", sys.executable, "-m", "pipeline", "run", "--config",
                "configs/smoke.yaml", "--workdir", str(workdir), "--stages", "data"]
-    # A fresh head's job agent may not have registered yet (minutes on a loaded machine): Ray says
-    # to try again.
-    deadline = time.monotonic() + 420
+    # A fresh head's job agent may not have registered yet: Ray says to try again.
+    deadline = time.monotonic() + 120
     while True:
         submitted = job("submit", *command)
         if "No available agent to submit job" not in submitted.stderr or time.monotonic() > deadline:
