@@ -188,9 +188,10 @@ def _used_files(spec: str, folder: str, section: Any, cfg: Any, state: InputStat
         sources = sorted({source for f in dataclasses.fields(coco) if f.metadata.get("files", "").startswith("named_by:")
                           for source in f.metadata["files"].split(":", 1)[1].split(",")})
         index = index_mcg_directory(folder)
-        used = {str(p) for image_id, name in _named_images(coco, sorted(sources), state, "data.coco")
-                for p in index.candidates(image_id, name)}
-        return [os.path.relpath(p, folder) for p in used]
+        used = {p for image_id, name in _named_images(coco, sources, state, "data.coco")
+                for p in index.candidate_paths(image_id, name)}
+        prefix = os.path.join(str(index.directory), "")  # the index's paths start with it
+        return [p[len(prefix):] for p in used]
     return _all_files(folder, key)
 
 
@@ -199,8 +200,9 @@ def folder_fingerprint(folder: str, names: Iterable[str], state: InputState, fie
     when its files were touched and what else lies in it do not count. The listing behind it is
     kept in `state`, so `status` can name the file that changed."""
     listing: dict[str, str] = {}
+    prefix = os.path.join(folder, "")
     for name in sorted(set(names)):
-        path = os.path.join(folder, name)
+        path = prefix + name
         st = stat_input(path, field)
         if st is None:
             listing[name] = MISSING

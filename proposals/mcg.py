@@ -172,22 +172,25 @@ class McgIndex:
     duplicate stem in two subfolders lists both) and by trailing image id."""
 
     directory: Path
-    by_stem: dict[str, list[Path]]
-    by_id: dict[int, list[Path]]
+    by_stem: dict[str, list[str]]  # paths as str: an index of COCO's 120k files is built on every `status`
+    by_id: dict[int, list[str]]
 
-    def candidates(self, image_id: int, file_name: str) -> list[Path]:
+    def candidate_paths(self, image_id: int, file_name: str) -> list[str]:
         """The files that could be image `image_id`'s (lookup in the module doc): [] none, one, or
         several (ambiguous: the caller names them)."""
-        found = self.by_stem.get(Path(file_name).stem)
-        return list(found) if found else list(self.by_id.get(int(image_id), []))
+        stem = os.path.splitext(os.path.basename(file_name))[0]
+        return list(self.by_stem.get(stem) or self.by_id.get(int(image_id), []))
+
+    def candidates(self, image_id: int, file_name: str) -> list[Path]:
+        return [Path(p) for p in self.candidate_paths(image_id, file_name)]
 
 
 def index_mcg_directory(directory: Union[str, Path]) -> McgIndex:
     """Every .mat file under `directory`, searched recursively; symlinked subfolders
     are followed (a split's files are often linked in), each real folder once."""
     directory = Path(directory)
-    by_stem: dict[str, list[Path]] = {}
-    by_id: dict[int, list[Path]] = {}
+    by_stem: dict[str, list[str]] = {}
+    by_id: dict[int, list[str]] = {}
     seen: set[str] = set()
     for root, dirs, files in os.walk(directory, followlinks=True):
         real = os.path.realpath(root)
@@ -196,10 +199,11 @@ def index_mcg_directory(directory: Union[str, Path]) -> McgIndex:
             continue
         seen.add(real)
         dirs.sort()
+        prefix = os.path.join(root, "")
         for name in sorted(files):
             if not name.endswith(".mat"):
                 continue
-            path = Path(root) / name
+            path = prefix + name
             stem = name[: -len(".mat")]
             by_stem.setdefault(stem, []).append(path)
             digits = _TRAILING_DIGITS.search(stem)
