@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ion.errors import UserError
+from pipeline.disk_errors import disk_error
 from pipeline.config import DEFAULT_CONFIG, config_path, config_reference, load_config
 from pipeline.graph import registered_names, registered_stages, select_names, select_stages
 from ion.schema import display_path
@@ -132,6 +133,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except UserError as err:  # printed here too, so the log holds it
             print(f"error: {err}", file=sys.stderr)
             raise _Reported(err) from None
+        except Exception as err:
+            disk = disk_error(err, workdir)  # a full or read-only disk: one line, not a traceback
+            if disk is None:
+                raise
+            print(f"error: {disk}", file=sys.stderr)
+            raise _Reported(disk) from None
         print()
         print(format_summary(report))
         print(f"log:     {log.path}")
@@ -156,7 +163,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     store = ArtifactStore(Path(configs[0].runtime.workdir))
     items = unused_outputs(registered_stages(), configs, store)
     print(f"workdir: {store.workdir}")
-    deleted = [delete_output(item) for item in items] if args.yes else None
+    deleted = [delete_output(item, store) for item in items] if args.yes else None
     print(format_unused(items, deleted=deleted))
     return 0
 
@@ -201,6 +208,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except _Reported:
+        return EXIT_USER_ERROR
+    except Exception as err:
+        disk = disk_error(err, getattr(args, "workdir", None) or Path.cwd())
+        if disk is None:
+            raise
+        print(f"error: {disk}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", None) or args.stops.signum or signal.SIGINT

@@ -20,23 +20,57 @@ LOGS_DIR = "logs"
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class _LogFile:
+    """The log file as a stream that never raises: on a full or read-only disk the
+    first OSError is kept (the run ends on it, pipeline/disk_errors.py) and the
+    terminal alone gets the rest, instead of every print() failing in turn."""
+
+    def __init__(self, file: TextIO, path: Path) -> None:
+        self._file = file
+        self.path = path
+        self.failure: OSError | None = None
+
+    def write(self, text: str) -> int:
+        if self.failure is None and not self._file.closed:
+            try:
+                self._file.write(text)
+            except OSError as err:
+                self._fail(err)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.failure is None and not self._file.closed:
+            try:
+                self._file.flush()
+            except OSError as err:
+                self._fail(err)
+
+    def _fail(self, err: OSError) -> None:
+        self.failure = OSError(err.errno, err.strerror, str(self.path))
+
+    def close(self) -> None:
+        try:
+            self._file.close()
+        except OSError as err:
+            if self.failure is None:
+                self._fail(err)
+
+
 class _Tee:
     """A text stream that writes to the real stream and to the log file."""
 
-    def __init__(self, terminal: TextIO, file: TextIO) -> None:
+    def __init__(self, terminal: TextIO, file: _LogFile) -> None:
         self.terminal = terminal
         self._file = file
 
     def write(self, text: str) -> int:
         self.terminal.write(text)
-        if not self._file.closed:
-            self._file.write(text)
+        self._file.write(text)
         return len(text)
 
     def flush(self) -> None:
         self.terminal.flush()
-        if not self._file.closed:
-            self._file.flush()
+        self._file.flush()
 
     def isatty(self) -> bool:
         return self.terminal.isatty()
@@ -60,7 +94,7 @@ class RunLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Appended line by line as the run goes: a log is not an artifact, and a
         # killed run's partial log is what one wants to read.
-        self._file = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        self._file = _LogFile(open(self.path, "a", encoding="utf-8", buffering=1), self.path)  # noqa: SIM115
         self._saved = (sys.stdout, sys.stderr)
         sys.stdout = _Tee(sys.stdout, self._file)
         sys.stderr = _Tee(sys.stderr, self._file)
@@ -87,3 +121,5 @@ class RunLog:
         sys.stderr.flush()
         sys.stdout, sys.stderr = self._saved
         self._file.close()
+        if self._file.failure is not None and exc[0] is None:
+            raise self._file.failure  # the log could not be written: the run says so and exits 2
