@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 TMP_SUFFIX = ".tmp"
+WRITING_NOTE = "while writing "  # the note atomic_path adds to an error: the file it was writing
 _TEMPORARY = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}" + re.escape(TMP_SUFFIX) + "$")  # temporary_name's
 
 
@@ -90,8 +91,11 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         yield tmp
         fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, Exception):
+            # Writers that lose the errno (torch.save: "unexpected pos") still say which file failed.
+            err.add_note(f"{WRITING_NOTE}{path}")
         raise
     fsync_dir(path.parent)
 

@@ -21,6 +21,7 @@ import re
 import shutil
 from pathlib import Path
 
+from ion.atomic import WRITING_NOTE
 from ion.errors import UserError
 
 FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -80,14 +81,22 @@ def _low_space(path: Path) -> bool:
         return False
 
 
-def _path_in(err: BaseException, default: Path) -> Path:
+def _named(err: BaseException) -> Path | None:
+    """The file an error names: its filename, the file atomic_path was writing, or one in its text."""
     filename = getattr(err, "filename", None)
     if filename:
         return Path(os.fsdecode(filename))
+    for note in getattr(err, "__notes__", ()):
+        if note.startswith(WRITING_NOTE):
+            return Path(note[len(WRITING_NOTE):])
     match = _NAMED_PATH.search(str(err))
     if match:
         return Path(next(g for g in match.groups() if g))
-    return default
+    return None
+
+
+def _path_in(err: BaseException, default: Path) -> Path:
+    return _named(err) or default
 
 
 def _kind(err: BaseException, default: Path) -> int | None:
@@ -114,10 +123,11 @@ def disk_error(err: BaseException, workdir: Path | str) -> UserError | None:
     """The one-line UserError for `err` when it is a disk that cannot take the run's writes, else None.
     `workdir`: where the run writes, named when the library does not say which file failed."""
     workdir = Path(workdir)
-    for e in _chain(err):
-        kind = _kind(e, workdir)
-        if kind is None:
-            continue
+    found = [(e, kind) for e in _chain(err) if (kind := _kind(e, workdir)) is not None]
+    if found:
+        # The error that names its file, else the deepest (the first to fail; the others are
+        # what failed after it, such as recording the failure in a store on the same disk).
+        e, kind = next(((e, k) for e, k in found if _named(e) is not None), found[-1])
         path = _path_in(e, workdir)
         rerun = "then rerun the same command: it resumes where it stopped"
         if kind in FULL:

@@ -83,6 +83,23 @@ class _Tee:
         return getattr(self.terminal, "encoding", "utf-8")
 
 
+class _FirstLine(logging.Formatter):
+    """The terminal's view of a library's log record: its first line, no traceback (a library
+    that logs the exception it then raises, as MLflow's store does, would otherwise print it
+    twice and bury the run's own one-line error). The log file keeps the whole record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage().strip().split("\n", 1)[0]
+
+
+def _one_line(record: logging.LogRecord) -> bool:
+    """A filter for MLflow's own stderr handler (its logger does not propagate): the record's
+    first line, its traceback dropped (the store error it logs is raised and reported anyway)."""
+    record.msg, record.args = record.getMessage().strip().split("\n", 1)[0], None
+    record.exc_info, record.exc_text = None, None
+    return True
+
+
 class RunLog:
     """Tee stdout, stderr and logging (INFO and up) into a new file under <workdir>/logs/."""
 
@@ -104,10 +121,14 @@ class RunLog:
         # file gets them from its own handler).
         self._handlers = [logging.StreamHandler(self._saved[1]), logging.StreamHandler(self._file)]
         self._handlers[0].setLevel(logging.WARNING)
+        self._handlers[0].setFormatter(_FirstLine())
         self._handlers[1].setLevel(logging.INFO)
         self._handlers[1].setFormatter(logging.Formatter(_FORMAT))  # stderr keeps last-resort's bare message
         for handler in self._handlers:
             root.addHandler(handler)
+        self._mlflow_handlers = list(logging.getLogger("mlflow").handlers)
+        for handler in self._mlflow_handlers:
+            handler.addFilter(_one_line)
         self._root_level = root.level
         root.setLevel(min(root.level or logging.INFO, logging.INFO))
         return self
@@ -116,6 +137,8 @@ class RunLog:
         root = logging.getLogger()
         for handler in self._handlers:
             root.removeHandler(handler)
+        for handler in self._mlflow_handlers:
+            handler.removeFilter(_one_line)
         root.setLevel(self._root_level)
         sys.stdout.flush()
         sys.stderr.flush()
