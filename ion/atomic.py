@@ -43,7 +43,7 @@ def remove_temporaries(folder: Path | str, *, recursive: bool = True, dead_only:
     writer (the pid in the name) is gone, for a folder other processes may be writing in; without it,
     the caller holds the folder (a stage output under its lock). Returns how many were removed."""
     removed = 0
-    walk = os.walk(folder) if recursive else [(str(folder), [], os.listdir(folder) if os.path.isdir(folder) else [])]
+    walk = os.walk(folder) if recursive else [next(os.walk(folder), (str(folder), [], []))]
     for root, _, files in walk:
         for name in files:
             match = _TEMPORARY.match(name)
@@ -52,7 +52,7 @@ def remove_temporaries(folder: Path | str, *, recursive: bool = True, dead_only:
                     os.unlink(os.path.join(root, name))
                     removed += 1
                 except FileNotFoundError:
-                    pass
+                    pass  # its writer finished or cleaned up meanwhile
     return removed
 
 

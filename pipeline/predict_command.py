@@ -202,7 +202,10 @@ def run_predict(args: argparse.Namespace, cfg: Any) -> int:
         raise UserError(f"--images {' '.join(str(p) for p in args.images)}: no readable image there "
                         "(give JPEG/PNG files or folders holding them)")
     tracking_uri = tracking_uri_for(cfg.runtime.workdir)
-    with tempfile.TemporaryDirectory(prefix="ion-predict-") as tmp:
+    # The downloaded model lives in the workdir, not the driver's /tmp: on a cluster the workdir
+    # is the shared storage every worker reads (the images and drawn results travel as bytes).
+    Path(cfg.runtime.workdir).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".predict-model-", dir=cfg.runtime.workdir) as tmp:
         if args.model_uri:
             predictor, notes = _from_mlflow(args.model_uri, tracking_uri, Path(tmp))
         else:

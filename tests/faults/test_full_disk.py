@@ -4,7 +4,6 @@ command on the enlarged filesystem resumes."""
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -56,4 +55,8 @@ def test_a_full_disk_is_one_line_then_the_same_command_resumes(shared_run, tmp_p
         rerun = run(workdir, *args)
         assert_ok(rerun)
         assert stage_results(rerun.stdout) == {"train": "ran"}
-        assert os.path.isfile(workdir / "artifacts" / "train" / trained[0].name / MANIFEST) if trained else True
+
+        done = subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        read_only = run(workdir, "--stages", "train", "--force")
+        assert_one_error_line(read_only, f"{disk}/", ": read-only file system (", "MB free)", "writable")
