@@ -185,8 +185,9 @@ def _used_files(spec: str, folder: str, section: Any, cfg: Any, state: InputStat
         from proposals.mcg import index_mcg_directory  # scipy and h5py: only when there is MCG to read
 
         coco = data.coco
-        sources = sorted({source for f in dataclasses.fields(coco) if f.metadata.get("files", "").startswith("named_by:")
-                          for source in f.metadata["files"].split(":", 1)[1].split(",")})
+        specs = [f.metadata.get("files", "") for f in dataclasses.fields(coco)]
+        sources = sorted({source for spec in specs if spec.startswith("named_by:")
+                          for source in spec.split(":", 1)[1].split(",")})
         index = index_mcg_directory(folder)
         used = {p for image_id, name in _named_images(coco, sources, state, "data.coco")
                 for p in index.candidate_paths(image_id, name)}

@@ -98,7 +98,8 @@ def _problem(path: Path) -> str | None:
     except (ValueError, SyntaxError) as err:
         return f"not a readable image ({err})"
     if width * height > MAX_PIXELS:
-        return f"its header declares {width} x {height} = {width * height / 1e6:.0f} Mpx (at most {MAX_PIXELS / 1e6:.0f})"
+        return (f"its header declares {width} x {height} = {width * height / 1e6:.0f} Mpx "
+                f"(at most {MAX_PIXELS / 1e6:.0f})")
     return None
 
 

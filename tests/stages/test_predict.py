@@ -68,8 +68,9 @@ def test_predict_on_photos_writes_detections_and_drawn_images(smoke_run, tmp_pat
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    (folder / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 15000, 12000, 8, 2, 0, 0, 0))
-                                      + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 15000, 12000, 8, 2, 0, 0, 0))  # 180 Mpx, 8-bit RGB
+    (folder / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+                                      + chunk(b"IEND", b""))
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
     code = main(["predict", "--config", "smoke", "--workdir", str(smoke_run.workdir), "--images", str(folder),
