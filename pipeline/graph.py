@@ -6,7 +6,7 @@ modules that exist are registered, so the graph grows as stages are written.
 
 A stage's key covers everything its output depends on: its name and VERSION,
 the canonical JSON of the config fields it READS, the fingerprint of the
-project source it runs (pipeline/fingerprint.py), the fingerprints of the
+project source it runs (pipeline/cache/fingerprint.py), the fingerprints of the
 external files those fields name, and its upstream keys. The material behind
 a key is kept in the output's manifest, so `status` can say what changed.
 """
@@ -21,8 +21,8 @@ from types import ModuleType
 from typing import Any, Callable, Sequence
 
 from ion.errors import UserError
-from pipeline.fingerprint import code_fingerprint, code_modules, input_fingerprints, section_json_without_paths
-from pipeline.input_state import InputState
+from pipeline.cache.fingerprint import code_fingerprint, code_modules, input_fingerprints, section_json_without_paths
+from pipeline.cache.input_state import InputState
 
 # The data flow: every stage consumes only stages listed before it.
 STAGE_NAMES = ("data", "proposals", "train", "detect", "tune", "evaluate")
@@ -112,7 +112,7 @@ def select_stages(stages: Sequence[Stage], spec: str) -> tuple[Stage, ...]:
 def key_material(stage: Stage, cfg: Any, upstream_keys: dict[str, str],
                  state: InputState | None = None) -> dict[str, Any]:
     """What a stage's key is made of, in full (the manifest keeps it): the READS fields' canonical
-    JSON (input paths masked: their content counts, pipeline/fingerprint.py), the upstream keys, the
+    JSON (input paths masked: their content counts, pipeline/cache/fingerprint.py), the upstream keys, the
     code fingerprint with each module's sha256, the input files'. `state`: remembered input hashes."""
     for name in stage.reads:
         if not hasattr(cfg, name):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.store import MANIFEST
+from pipeline.cache.store import MANIFEST
 from tests.faults.conftest import assert_ok, assert_one_error_line, run, stage_results
 
 HEADROOM_MB = 2  # less than one training checkpoint of the smoke model (~2.5 MB)

@@ -1,4 +1,4 @@
-"""Cache keys that see code and input files (pipeline/fingerprint.py, pipeline/graph.py)."""
+"""Cache keys that see code and input files (pipeline/cache/fingerprint.py, pipeline/graph.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipeline.fingerprint import code_modules, input_fingerprint
+from pipeline.cache.fingerprint import code_modules, input_fingerprint
 from pipeline.graph import Stage, cache_keys
 from tests.conftest import SHARED
 

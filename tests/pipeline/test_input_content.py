@@ -1,4 +1,4 @@
-"""Inputs known by their content (pipeline/fingerprint.py, pipeline/input_state.py): a copy of the
+"""Inputs known by their content (pipeline/cache/fingerprint.py, pipeline/cache/input_state.py): a copy of the
 dataset elsewhere, a touched file or a stray file beside the images change no key; new bytes in an
 image a split uses, or an edited annotation file, make the data stage stale and `status` names it."""
 from __future__ import annotations
@@ -13,9 +13,9 @@ import scipy.io
 from ion.errors import UserError
 from pipeline.config import load_config
 from pipeline.graph import cache_keys, cache_materials, registered_stages
-from pipeline.input_state import STATE_DIR, STATE_FILE
-from pipeline.status import STALE, stage_statuses
-from pipeline.store import ArtifactStore
+from pipeline.cache.input_state import STATE_DIR, STATE_FILE
+from pipeline.cache.status import STALE, stage_statuses
+from pipeline.cache.store import ArtifactStore
 from tests.conftest import SHARED
 
 COCO_MINI = SHARED / "data" / "coco-mini"
