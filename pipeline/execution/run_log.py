@@ -111,7 +111,7 @@ class RunLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Appended line by line as the run goes: a log is not an artifact, and a
         # killed run's partial log is what one wants to read.
-        self._file = _LogFile(open(self.path, "a", encoding="utf-8", buffering=1), self.path)  # noqa: SIM115
+        self._file = _LogFile(open(self.path, "a", encoding="utf-8", buffering=1), self.path)
         self._saved = (sys.stdout, sys.stderr)
         sys.stdout = _Tee(sys.stdout, self._file)
         sys.stderr = _Tee(sys.stderr, self._file)

@@ -11,11 +11,11 @@ import pytest
 import scipy.io
 
 from ion.errors import UserError
-from pipeline.config import load_config
-from pipeline.graph import cache_keys, cache_materials, registered_stages
 from pipeline.cache.input_state import STATE_DIR, STATE_FILE
 from pipeline.cache.status import STALE, stage_statuses
 from pipeline.cache.store import ArtifactStore
+from pipeline.config import load_config
+from pipeline.graph import cache_keys, cache_materials, registered_stages
 from tests.conftest import SHARED
 
 COCO_MINI = SHARED / "data" / "coco-mini"
