@@ -1,4 +1,4 @@
-"""The command line: `python -m pipeline run | status | gc | predict | ablations | config-docs`.
+"""The command line: `python -m pipeline run | plan | status | gc | predict | ablations | config-docs`.
 
 A `UserError` prints `error: <message>` on stderr and exits with status 2, no
 traceback; Ctrl-C exits with 130, SIGTERM with 143, both at a safe point with the
@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", default="all", help="all, or a comma list such as detect,tune (default: all)")
     run.add_argument("--force", action="store_true", help="recompute the selected stages even when cached")
     config_flags(run)
+    plan = commands.add_parser("plan", help="check every input and estimate each stage's time, disk and memory "
+                                            "before a run (exit 2 when the run would stop)")
+    plan.add_argument("--stages", default="all", help="all, or a comma list such as detect,tune (default: all)")
+    plan.add_argument("--force", action="store_true", help="plan as if the selected stages were not cached")
+    plan.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    config_flags(plan)
     status = commands.add_parser("status", help="what is cached, stale or missing for a config")
     status.add_argument("--verify", action="store_true", help="also re-checksum every cached output")
     config_flags(status)
@@ -142,6 +148,22 @@ class _Reported(Exception):
     """A UserError already printed (inside the run log)."""
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    select_names(registered_names(), args.stages)
+    cfg = _load(args)
+    stages = registered_stages()
+    selected = select_stages(stages, args.stages)
+    from pipeline.plan.command import run_plan
+    from pipeline.runner import check_upstream
+
+    def upstream(*, keys, store):
+        check_upstream(stages, selected, keys, store, force=args.force, command=_rerun_command(args))
+
+    return run_plan(cfg, stages=stages, selected=selected, as_json=args.json, force=args.force,
+                    config_file=config_path(args.config or DEFAULT_CONFIG), argv=args.argv,
+                    check_upstream_fn=upstream)
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     cfg = _load(args)
     store = ArtifactStore(Path(cfg.runtime.workdir))
@@ -185,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv
-    handlers = {"run": _cmd_run, "status": _cmd_status, "gc": _cmd_gc, "predict": _cmd_predict,
+    handlers = {"run": _cmd_run, "plan": _cmd_plan, "status": _cmd_status, "gc": _cmd_gc, "predict": _cmd_predict,
                 "ablations": _cmd_ablations,
                 "config-docs": _cmd_config_docs}
     if args.command is None:
