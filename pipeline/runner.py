@@ -220,8 +220,8 @@ def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], material: dict, st
         summary = [line.replace(str(made), str(out)) for line in result.summary]
         store.write_manifest(stage.name, key, version=stage.version,
                              upstream={u: keys[u] for u in stage.upstream}, run_id=run.run_id,
-                             timings={"run_s": round(seconds, 3), **measured}, metrics=metrics, summary=summary, out=made,
-                             material=material)
+                             timings={"run_s": round(seconds, 3), **measured}, metrics=metrics, summary=summary,
+                             out=made, material=material)
         store.publish(stage.name, key, made)
         record_stage(cfg, stage.name, material=material, data_output=_data_output(store, keys),
                      measured={"seconds": seconds, **measured})

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,10 @@ class StageEstimate:
 
 
 def stage_items(name: str, cfg: Any, counts: Mapping[str, int] | None) -> tuple[int | None, str]:
-    """(items, unit) of a stage's work for split sizes `counts` (None: unknown yet)."""
+    """(items, unit) of a stage's work for split sizes `counts` (None: unknown yet, or a config
+    without the stage's section)."""
+    if not hasattr(cfg, name):
+        return None, "items"
     if name == "train":
         return sum(p.iterations for p in cfg.train.phases) * cfg.train.images_per_batch, "images seen"
     if counts is None:
@@ -75,7 +79,7 @@ def stage_items(name: str, cfg: Any, counts: Mapping[str, int] | None) -> tuple[
 
 def device_kind(runtime: Any) -> str:
     """What a calibration is valid for: the GPU's name, or cpu."""
-    if runtime.device != "cpu":
+    if getattr(runtime, "device", "cpu") != "cpu":
         import torch
 
         if torch.cuda.is_available():
@@ -95,13 +99,39 @@ def _drop_counts(section: str, value: Any) -> Any:
     return value
 
 
+def _drop_path(value: Any, dotted: str) -> None:
+    """Delete `a.b[2].c` (without the section's name) from plain JSON data, if there."""
+    parts = re.findall(r"[^.\[\]]+|\[\d+\]", dotted)
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if part.startswith("["):
+            index = int(part[1:-1])
+            if not isinstance(value, list) or index >= len(value):
+                return
+            value = value[index]
+        elif isinstance(value, dict) and part in value:
+            if last:
+                del value[part]
+                return
+            value = value[part]
+        else:
+            return
+
+
 def calibration_key(name: str, cfg: Any, material: Mapping[str, Any], device: str) -> str:
+    """Code, config and device kind; not the data set, the files named (a path does not change the
+    work per item: its size does, through the item counts) nor the counts of work."""
+    from pipeline.fingerprint import path_fields
+
     reads = {}
     for section in material["reads"]:
         if section == "data":
             reads[section] = cfg.data.source
-        else:
-            reads[section] = _drop_counts(section, json.loads(section_json(cfg, section)))
+            continue
+        plain = _drop_counts(section, json.loads(section_json(cfg, section)))
+        for dotted, _ in path_fields(getattr(cfg, section), section):
+            _drop_path(plain, dotted[len(section) + 1:])
+        reads[section] = plain
     text = json.dumps({"stage": name, "code": material["code"]["fingerprint"], "reads": reads, "device": device},
                       sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]

@@ -24,8 +24,9 @@ def split_counts(cfg: Any, data_output: Path | None) -> dict[str, int] | None:
             return {name: int(s["num_images"]) for name, s in index["splits"].items()}
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    if cfg.data.source == "synthetic":
-        syn = cfg.data.synthetic
+    data = getattr(cfg, "data", None)  # a config without a data section (the runner's tests) counts nothing
+    if getattr(data, "source", None) == "synthetic":
+        syn = data.synthetic
         return {"train": syn.num_train, "minival": syn.num_minival, "test": syn.num_test}
     return None
 
@@ -81,3 +82,22 @@ def comparison_lines(estimates: Mapping[str, StageEstimate], measured: Mapping[s
         lines.append(f"    {name:<10} predicted {format_seconds(e.seconds)}  measured {format_seconds(seconds)}  "
                      f"({error:+.0f}%)")
     return ["predicted vs measured time:", *lines] if lines else []
+
+
+def record_outputs(cfg: Any, stages: Sequence[Any], store: Any) -> list[str]:
+    """Record into the calibration what the finished outputs of `cfg` measured (their manifests'
+    timings): a calibration rebuilt from a workdir's outputs. Returns the stages recorded."""
+    from pipeline.graph import cache_materials
+
+    materials = cache_materials(stages, cfg)
+    keys = {name: key for name, (key, _) in materials.items()}
+    data_output = store.path(DATA_STAGE, keys[DATA_STAGE]) if store.exists(DATA_STAGE, keys[DATA_STAGE]) else None
+    done = []
+    for name, (key, material) in materials.items():
+        timings = (store.manifest(name, key) or {}).get("timings", {})
+        if "disk_bytes" not in timings:
+            continue  # written before outputs were measured
+        record_stage(cfg, name, material=material, data_output=data_output,
+                     measured={"seconds": timings["run_s"], **timings})
+        done.append(name)
+    return done
