@@ -65,30 +65,28 @@ def make_plan(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], f
         "problems": list(report.problems),
         "stages": {name: e.as_json() for name, e in estimates.items()},
         "total_seconds": sum(e.seconds or 0.0 for e in to_run),
+        # Where each figure comes from, and what the estimate rests on.
         "calibration": {"device": device, "dir": str(calibration.dir), "measured": measured,
                         "assumed": [e.name for e in to_run if e.seconds is None],
-                        "complete": len(measured) == len(to_run)},
-        "disk": {"predicted_bytes": predicted, "free_bytes": free, "workdir": str(workdir)},
-        "notes": list(report.notes),
-        "images": report.counts,
+                        "sources": {name: {"unit": e.unit, "source": e.source} for name, e in estimates.items()},
+                        "split_images": report.counts, "predicted_disk_bytes": predicted, "free_disk_bytes": free,
+                        "workdir": str(workdir)},
     }
     return plan, report, estimates
 
 
-def format_plan(plan: dict[str, Any], estimates: dict[str, StageEstimate]) -> str:
-    problems = len(plan["problems"])
+def format_plan(plan: dict[str, Any], estimates: dict[str, StageEstimate], notes: Sequence[str]) -> str:
+    problems, cal = len(plan["problems"]), plan["calibration"]
     lines = [f"preflight: {problems} problem(s){' (on stderr: the run would stop)' if problems else ''}",
-             *(f"  note: {n}" for n in plan["notes"])]
-    if plan["images"]:
-        lines.append("  images: " + ", ".join(f"{k} {v}" for k, v in plan["images"].items()))
+             *(f"  note: {n}" for n in notes)]
+    if cal["split_images"]:
+        lines.append("  images: " + ", ".join(f"{k} {v}" for k, v in cal["split_images"].items()))
     lines += ["", f"estimate on {plan['calibration']['device']} (calibration: {plan['calibration']['dir']}):"]
     lines += [f"  {one_line(e)}" for e in estimates.values()]
-    cal = plan["calibration"]
     unknown = f" (without {', '.join(cal['assumed'])}: no calibration)" if cal["assumed"] else ""
-    disk = plan["disk"]
     lines += [f"total: ~{format_seconds(plan['total_seconds'])}{unknown}; disk "
-              f"{format_bytes(disk['predicted_bytes'])} of {format_bytes(disk['free_bytes'])} free in "
-              f"{disk['workdir']}"]
+              f"{format_bytes(cal['predicted_disk_bytes'])} of {format_bytes(cal['free_disk_bytes'])} free in "
+              f"{cal['workdir']}"]
     return "\n".join(lines)
 
 
@@ -118,17 +116,21 @@ def run_plan(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], as
     """Print the plan; 2 when a problem would stop the run, else 0."""
     plan, report, estimates = make_plan(cfg, stages=stages, selected=selected, force=force,
                                         check_upstream_fn=check_upstream_fn)
+    notes = list(report.notes)
     mlflow_problem = _tracking_problem(cfg, config_file)
     if mlflow_problem:
         plan["problems"].append(mlflow_problem)
     else:
         try:
-            plan["mlflow_run_id"] = log_plan(cfg, plan, config_file=config_file, argv=argv)
+            notes.append(f"plan logged to MLflow: run {log_plan(cfg, plan, config_file=config_file, argv=argv)}")
         except OSError as err:  # a full or read-only workdir: the disk check above says which
-            plan["notes"].append(f"plan not logged to MLflow: {err}")
+            notes.append(f"plan not logged to MLflow: {err}")
     for problem in plan["problems"]:
         print(f"problem: {problem}", file=sys.stderr)
-    print(json.dumps(plan, indent=1) if as_json else format_plan(plan, estimates), flush=True)
+    if as_json:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+    print(json.dumps(plan, indent=1) if as_json else format_plan(plan, estimates, notes), flush=True)
     return 2 if plan["problems"] else 0
 
 

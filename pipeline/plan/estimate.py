@@ -50,9 +50,8 @@ class StageEstimate:
     source: str = "no calibration"  # "measured: N runs (items ...)" or why there is no figure
 
     def as_json(self) -> dict[str, Any]:
-        return {"items": self.items, "unit": self.unit, "seconds": self.seconds, "gpu_hours": self.gpu_hours,
-                "disk_bytes": self.disk_bytes, "peak_rss_bytes": self.peak_rss_bytes, "cached": self.cached,
-                "source": self.source}
+        return {"items": self.items, "seconds": self.seconds, "gpu_hours": self.gpu_hours,
+                "disk_bytes": self.disk_bytes, "peak_rss_bytes": self.peak_rss_bytes, "cached": self.cached}
 
 
 def stage_items(name: str, cfg: Any, counts: Mapping[str, int] | None) -> tuple[int | None, str]:

@@ -45,11 +45,11 @@ def test_json_estimate_comes_from_the_smoke_runs_calibration(smoke_run, workdir,
     shutil.copytree(smoke_run.workdir / CALIBRATION_DIR, workdir / CALIBRATION_DIR)
     assert main(["plan", "--config", "configs/smoke.yaml", "--workdir", str(workdir), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert {"problems", "stages", "total_seconds", "calibration"} <= set(plan)
+    assert set(plan) == {"problems", "stages", "total_seconds", "calibration"}
     assert plan["problems"] == [] and plan["calibration"]["assumed"] == []
     assert list(plan["stages"]) == ["data", "proposals", "train", "detect", "tune", "evaluate"]
     for name, stage in plan["stages"].items():
-        assert STAGE_FIELDS <= set(stage) and stage["cached"] is False
+        assert set(stage) == STAGE_FIELDS and stage["cached"] is False
         manifest = json.loads((smoke_run.dirs[name] / "manifest.json").read_text())
         # The same work as the calibrating run: its measured figures, exactly.
         assert stage["seconds"] == pytest.approx(manifest["timings"]["run_s"], rel=1e-3)
