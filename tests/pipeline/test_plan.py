@@ -167,3 +167,11 @@ def test_run_with_more_training_workers_than_gpus_stops_before_any_stage(ray_wit
     assert not (workdir / "artifacts").exists()
     assert main(["plan", "--config", "coco_ion", "--workdir", str(workdir)]) == 2
     assert "problem: runtime.train_workers: 4 training workers" in capsys.readouterr().err
+
+
+def test_run_ends_with_predicted_against_measured_time(smoke_run):
+    # The session's smoke run started with no calibration: every stage says so, and is calibrated by it.
+    lines = smoke_run.report.predicted
+    assert lines[0] == "predicted vs measured time:"
+    assert [line.split()[0] for line in lines[1:]] == ["data", "proposals", "train", "detect", "tune", "evaluate"]
+    assert all(" predicted ?  measured " in line and line.endswith("(now calibrated)") for line in lines[1:])
