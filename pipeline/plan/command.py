@@ -48,7 +48,7 @@ def make_plan(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], f
     report = Preflight()
     if check_upstream_fn is not None:
         report.attempt(lambda: check_upstream_fn(keys=keys, store=store))
-    report.problems += check_resources(cfg.runtime, trains=TRAIN_STAGE in runs)
+    report.problems += report.attempt(lambda: check_resources(cfg.runtime, trains=TRAIN_STAGE in runs)) or []
     _inputs(cfg, runs, data_output, report)
     device = device_kind(cfg.runtime)
     calibration = Calibration(workdir)

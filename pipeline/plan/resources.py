@@ -3,6 +3,7 @@ training job that asks for more GPUs than exist would otherwise wait a minute in
 Train and fail with its generic "insufficient resources" error, after the stages before it ran."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 TRAIN_STAGE = "train"
@@ -22,10 +23,12 @@ def resource_problems(runtime: Any, *, gpus: float, where: str) -> list[str]:
 
 
 def check_resources(runtime: Any, *, trains: bool) -> list[str]:
-    """The problems above for the cluster this run would use; none when the train stage will not run."""
-    if not trains:
+    """The problems above for the cluster this run would use (none when the train stage will not
+    run); a cluster named by runtime.ray_address or RAY_ADDRESS is joined, so an unreachable one
+    is a UserError naming it."""
+    if not trains and not (getattr(runtime, "ray_address", None) or os.environ.get("RAY_ADDRESS")):
         return []
     from pipeline.cluster import visible_gpus
 
     gpus, where = visible_gpus(runtime)
-    return resource_problems(runtime, gpus=gpus, where=where)
+    return resource_problems(runtime, gpus=gpus, where=where) if trains else []

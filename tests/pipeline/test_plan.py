@@ -175,3 +175,16 @@ def test_run_ends_with_predicted_against_measured_time(smoke_run):
     assert lines[0] == "predicted vs measured time:"
     assert [line.split()[0] for line in lines[1:]] == ["data", "proposals", "train", "detect", "tune", "evaluate"]
     assert all(" predicted ?  measured " in line and line.endswith("(now calibrated)") for line in lines[1:])
+
+
+def test_unreachable_ray_cluster_is_one_line(workdir, capsys, monkeypatch):
+    import socket
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc = main(["plan", "--workdir", str(workdir), "-o", f"runtime.ray_address=127.0.0.1:{port}"])
+    problems = _problems(capsys.readouterr().err)
+    assert rc == 2 and len(problems) == 1
+    assert problems[0].startswith(f"problem: runtime.ray_address=127.0.0.1:{port}: cannot reach the Ray cluster (")
