@@ -153,6 +153,13 @@ def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], 
             outcomes.append(_run_one(stage, cfg, keys=keys, material=materials[stage.name][1], store=store,
                                      tracker=tracker, parent=parent, cluster=cluster, force=force,
                                      config_text=config_text, stops=stops))
+            if stage.name == "data" and any(e.items is None for e in estimates.values()):
+                # The splits are counted now: the estimate of the stages still to run, before they record theirs.
+                later = selected[selected.index(stage) + 1:]
+                estimates.update(run_estimates(cfg, later, materials=materials, cached=cached,
+                                               data_output=_data_output(store, keys)))
+                for line in estimate_lines({s.name: estimates[s.name] for s in later}):
+                    emit(line)
     except KeyboardInterrupt:
         parent.finish(KILLED, error="interrupted")
         raise

@@ -160,10 +160,14 @@ class Calibration:
                                                              indent=1).encode("utf-8"))
 
 
-def _fit(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """(fixed, per item) through the points: least squares with both parts >= 0; one size: per item only."""
+def _fit(points: list[tuple[float, float]], *, flat: bool = False) -> tuple[float, float]:
+    """(fixed, per item) through the points: least squares with both parts >= 0. One size: all per
+    item, or all fixed with `flat` (a process's peak memory is mostly its baseline: the measured
+    peaks at 144 and 718 images differ by 0-17%, docs/SCALE.md)."""
     xs = [x for x, _ in points]
     if len(set(xs)) < 2:
+        if flat:
+            return sum(y for _, y in points) / len(points), 0.0
         return 0.0, sum(y for _, y in points) / max(sum(xs), 1e-9)
     n, mx, my = len(points), sum(xs) / len(points), sum(y for _, y in points) / len(points)
     sxx = sum((x - mx) ** 2 for x in xs)
@@ -184,7 +188,7 @@ def predict(records: list[dict[str, Any]], items: int) -> dict[str, float | None
         if not points:
             out[figure] = None
             continue
-        fixed, per_item = _fit(points)
+        fixed, per_item = _fit(points, flat=figure == "peak_rss_bytes")
         out[figure] = fixed + per_item * items
     out["gpus"] = max((float(r.get("gpus", 0)) for r in records), default=0.0)
     return out

@@ -62,10 +62,12 @@ def test_json_estimate_comes_from_the_smoke_runs_calibration(smoke_run, workdir,
 def test_calibration_fit_separates_fixed_and_per_item_costs():
     records = [{"items": 100, "seconds": 30.0, "disk_bytes": 1000, "peak_rss_bytes": None},
                {"items": 300, "seconds": 50.0, "disk_bytes": 3000, "peak_rss_bytes": None}]
+    records[1]["peak_rss_bytes"] = 2e9
     fig = predict(records, 1200)
     assert fig["seconds"] == pytest.approx(20.0 + 0.1 * 1200)  # 20 s fixed + 0.1 s per item
-    assert fig["disk_bytes"] == pytest.approx(12000) and fig["peak_rss_bytes"] is None
-    assert predict(records[:1], 400)["seconds"] == pytest.approx(120.0)  # one size: per item only
+    assert fig["disk_bytes"] == pytest.approx(12000) and fig["peak_rss_bytes"] == 2e9
+    one = predict(records[1:], 600)  # one size: time and disk per item only, memory flat
+    assert (one["seconds"], one["disk_bytes"], one["peak_rss_bytes"]) == pytest.approx((100.0, 6000, 2e9))
 
 
 def test_missing_annotation_file_is_one_line(workdir, tmp_path, capsys):
