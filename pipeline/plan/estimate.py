@@ -169,7 +169,7 @@ def _fit(points: list[tuple[float, float]], *, flat: bool = False) -> tuple[floa
         if flat:
             return sum(y for _, y in points) / len(points), 0.0
         return 0.0, sum(y for _, y in points) / max(sum(xs), 1e-9)
-    n, mx, my = len(points), sum(xs) / len(points), sum(y for _, y in points) / len(points)
+    mx, my = sum(xs) / len(points), sum(y for _, y in points) / len(points)
     sxx = sum((x - mx) ** 2 for x in xs)
     slope = sum((x - mx) * (y - my) for x, y in points) / sxx
     fixed = my - slope * mx
