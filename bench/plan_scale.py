@@ -42,9 +42,9 @@ def _pipeline(args: list[str], log: Path) -> int:
 
 def measured(trees: Path, scale: float, workdir: Path, extra: list[str]) -> dict[str, dict]:
     """The manifest timings of every stage of the run at `scale`."""
+    from pipeline.cache.store import ArtifactStore
     from pipeline.config import load_config
     from pipeline.graph import cache_keys, registered_stages
-    from pipeline.store import ArtifactStore
 
     overrides = [*extra, *config_overrides(trees / f"tree_{scale:g}")]
     cfg = load_config(CONFIG, overrides, workdir=workdir)
@@ -55,10 +55,10 @@ def measured(trees: Path, scale: float, workdir: Path, extra: list[str]) -> dict
 
 def recalibrate(trees: Path, scales: list[float], workdir: Path, extra: list[str]) -> None:
     """Rebuild the calibration from the runs' outputs at `scales` (after a change of its keys)."""
+    from pipeline.cache.store import ArtifactStore
     from pipeline.config import load_config
     from pipeline.graph import registered_stages
     from pipeline.plan.observe import record_outputs
-    from pipeline.store import ArtifactStore
 
     for scale in scales:
         cfg = load_config(CONFIG, [*extra, *config_overrides(trees / f"tree_{scale:g}")], workdir=workdir)

@@ -1,6 +1,6 @@
 """The stage contract: what a stage receives and returns, and what it may ask
 of the orchestrator. The stages import only this from the orchestration side;
-pipeline/ implements it (pipeline/run_context.py) and knows the stages, so the
+pipeline/ implements it (pipeline/execution/run_context.py) and knows the stages, so the
 import arrow runs one way.
 
     def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResult
@@ -115,7 +115,7 @@ class StageContext(Protocol):
 
     def progress(self, iterable: Iterable[T], desc: str, total: int | None = None,
                  unit: str = "items") -> Iterable[T]:
-        """`iterable` with progress lines: done/total, `unit`/s, ETA (pipeline/progress.py)."""
+        """`iterable` with progress lines: done/total, `unit`/s, ETA (pipeline/execution/progress.py)."""
 
     def log_model(self, artifacts: dict[str, Path]) -> None:
         """Log the trained detector, made of these files (name -> path: model.json, final.pt,

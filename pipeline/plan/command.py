@@ -9,13 +9,20 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ion.errors import UserError
+from pipeline.cache.store import ArtifactStore
 from pipeline.graph import Stage, cache_materials
-from pipeline.plan.estimate import (Calibration, StageEstimate, device_kind, estimate_stage, format_bytes,
-                                    format_seconds, one_line)
+from pipeline.plan.estimate import (
+    Calibration,
+    StageEstimate,
+    device_kind,
+    estimate_stage,
+    format_bytes,
+    format_seconds,
+    one_line,
+)
 from pipeline.plan.observe import split_counts
 from pipeline.plan.preflight import Preflight, check_coco, check_disk, check_mcg, check_weights, read_data_output
 from pipeline.plan.resources import TRAIN_STAGE, check_resources
-from pipeline.store import ArtifactStore
 
 
 def _inputs(cfg: Any, runs: set[str], data_output: Path | None, report: Preflight) -> None:
@@ -93,7 +100,8 @@ def format_plan(plan: dict[str, Any], estimates: dict[str, StageEstimate], notes
 def log_plan(cfg: Any, plan: dict[str, Any], *, config_file: Path | None, argv: Sequence[str]) -> str | None:
     """The plan as an MLflow run of its own (metrics per stage, plan.json); its run id, or None when
     the store cannot take it (a preflight problem says why)."""
-    from pipeline.tracking import FAILED, FINISHED, Tracker, tracking_uri_for
+    from pipeline.tracking.client import FAILED, FINISHED, Tracker
+    from pipeline.tracking.uri import tracking_uri_for
 
     workdir = Path(cfg.runtime.workdir)
     tracker = Tracker(tracking_uri=tracking_uri_for(workdir), experiment=cfg.name, workdir=workdir,
@@ -135,7 +143,8 @@ def run_plan(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], as
 
 
 def _tracking_problem(cfg: Any, config_file: Path | None) -> str | None:
-    from pipeline.tracking import Tracker, tracking_uri_for
+    from pipeline.tracking.client import Tracker
+    from pipeline.tracking.uri import tracking_uri_for
 
     workdir = Path(cfg.runtime.workdir)
     try:

@@ -120,7 +120,7 @@ def _drop_path(value: Any, dotted: str) -> None:
 def calibration_key(name: str, cfg: Any, material: Mapping[str, Any], device: str) -> str:
     """Code, config and device kind; not the data set, the files named (a path does not change the
     work per item: its size does, through the item counts) nor the counts of work."""
-    from pipeline.fingerprint import path_fields
+    from pipeline.cache.fingerprint import path_fields
 
     reads = {}
     for section in material["reads"]:

@@ -8,8 +8,15 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ion.data.split import INDEX_FILE
-from pipeline.plan.estimate import (Calibration, StageEstimate, device_kind, estimate_stage, format_seconds,
-                                    one_line, record_run)
+from pipeline.plan.estimate import (
+    Calibration,
+    StageEstimate,
+    device_kind,
+    estimate_stage,
+    format_seconds,
+    one_line,
+    record_run,
+)
 from pipeline.plan.measure import disk_bytes, peak_rss_bytes, process_tree, reset_peaks
 
 DATA_STAGE = "data"

@@ -28,7 +28,7 @@ def check_resources(runtime: Any, *, trains: bool) -> list[str]:
     is a UserError naming it."""
     if not trains and not (getattr(runtime, "ray_address", None) or os.environ.get("RAY_ADDRESS")):
         return []
-    from pipeline.cluster import visible_gpus
+    from pipeline.cluster.tasks import visible_gpus
 
     gpus, where = visible_gpus(runtime)
     return resource_problems(runtime, gpus=gpus, where=where) if trains else []

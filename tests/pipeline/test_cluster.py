@@ -8,12 +8,19 @@ from pathlib import Path
 import pytest
 
 from ion.errors import UserError
-from pipeline import cluster
-from pipeline.cluster import Cluster, MapItemError, check_reachable, cluster_gpus, init_ray, ray_map
+from pipeline.cluster.tasks import (
+    Cluster,
+    MapItemError,
+    check_reachable,
+    cluster_gpus,
+    init_ray,
+    ray_map,
+    shutdown_ray,
+)
 from pipeline.graph import build_graph, select_stages
 from pipeline.runner import run_stages
+from pipeline.tracking.client import Tracker, tracking_uri_for
 from stages.contract import RuntimeConfig
-from pipeline.tracking import Tracker, tracking_uri_for
 from tests.pipeline import fake_stages
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -26,7 +33,7 @@ def ray_instance(tmp_path_factory):
     runtime = RuntimeConfig(workdir=str(workdir), num_workers=2)
     assert init_ray(runtime, tracking_uri=TRACKING_URI) is True
     yield runtime
-    cluster.shutdown_ray()
+    shutdown_ray()
 
 
 def test_results_keep_item_order(ray_instance):

@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from ion.errors import UserError
-from pipeline.tracking import Tracker, _drop_migration_leftovers
+from pipeline.tracking.client import Tracker, _drop_migration_leftovers
 
 
 def local_tracker(workdir):
