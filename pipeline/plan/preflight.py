@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ion.data.coco import SPLITS, ValidationReport, build_coco_splits
+from ion.data.coco import ValidationReport
+from ion.data.coco_splits import SPLITS, build_coco_splits
 from ion.errors import UserError
 from pipeline.plan.estimate import format_bytes
 
