@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from ion.errors import UserError
 from pipeline.commands import ablations, config_docs, gc, plan, predict, run, status
+from pipeline.execution.disk_errors import disk_error
 from pipeline.execution.session import ReportedError
 from pipeline.execution.stopping import StopSignals
 
@@ -52,6 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except ReportedError:
+        return EXIT_USER_ERROR
+    except Exception as err:
+        disk = disk_error(err, getattr(args, "workdir", None) or Path.cwd())  # a full or read-only disk
+        if disk is None:
+            raise
+        print(f"error: {disk}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", None) or args.stops.signum or signal.SIGINT

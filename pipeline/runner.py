@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ion.atomic import remove_temporaries
 from ion.errors import UserError
 from ion.schema import to_plain, to_yaml
 from pipeline.cache.store import MANIFEST, ArtifactStore
@@ -126,6 +127,8 @@ def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], 
     store = ArtifactStore(workdir)
     materials = cache_materials(stages, cfg)
     keys = {name: key for name, (key, _) in materials.items()}
+    if workdir.is_dir():  # what a killed command left beside the stores (stage outputs: see store.prepare)
+        remove_temporaries(workdir, recursive=False, dead_only=True)
     set_aside_damaged(stages, selected, keys, store, force=force)
     check_upstream(stages, selected, keys, store, force=force, command=command)
     cached = {s.name: not force and store.exists(s.name, keys[s.name]) for s in selected}
