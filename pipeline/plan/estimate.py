@@ -21,14 +21,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from ion.atomic import write_bytes_atomic
-from ion.schema import section_json
 
 CALIBRATION_DIR = "calibration"
 MAX_RECORDS = 8  # per stage and key: the most recent sizes
@@ -98,39 +96,17 @@ def _drop_counts(section: str, value: Any) -> Any:
     return value
 
 
-def _drop_path(value: Any, dotted: str) -> None:
-    """Delete `a.b[2].c` (without the section's name) from plain JSON data, if there."""
-    parts = re.findall(r"[^.\[\]]+|\[\d+\]", dotted)
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if part.startswith("["):
-            index = int(part[1:-1])
-            if not isinstance(value, list) or index >= len(value):
-                return
-            value = value[index]
-        elif isinstance(value, dict) and part in value:
-            if last:
-                del value[part]
-                return
-            value = value[part]
-        else:
-            return
-
-
 def calibration_key(name: str, cfg: Any, material: Mapping[str, Any], device: str) -> str:
     """Code, config and device kind; not the data set, the files named (a path does not change the
     work per item: its size does, through the item counts) nor the counts of work."""
-    from pipeline.cache.fingerprint import path_fields
+    from pipeline.cache.fingerprint import section_json_without_paths
 
     reads = {}
     for section in material["reads"]:
         if section == "data":
             reads[section] = cfg.data.source
             continue
-        plain = _drop_counts(section, json.loads(section_json(cfg, section)))
-        for dotted, _ in path_fields(getattr(cfg, section), section):
-            _drop_path(plain, dotted[len(section) + 1:])
-        reads[section] = plain
+        reads[section] = _drop_counts(section, json.loads(section_json_without_paths(cfg, section)))
     text = json.dumps({"stage": name, "code": material["code"]["fingerprint"], "reads": reads, "device": device},
                       sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
