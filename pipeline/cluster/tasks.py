@@ -159,7 +159,8 @@ def _start_error(err: Exception) -> UserError:
 
 
 def ray_temp_dir() -> str:
-    """Where a local Ray instance keeps its session files: Ray's own choice (RAY_TMPDIR, else TMPDIR, else /tmp) + ray/."""
+    """Where a local Ray instance keeps its session files: ray/ in Ray's own choice
+    of temp folder (RAY_TMPDIR, else TMPDIR, else /tmp)."""
     base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
     return os.path.join(base, "ray")
 
