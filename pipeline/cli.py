@@ -1,4 +1,4 @@
-"""The command line: `python -m pipeline run | status | gc | predict | ablations | config-docs`,
+"""The command line: `python -m pipeline run | plan | status | gc | predict | ablations | config-docs`,
 one module per command in pipeline/commands/ (each with `add_parser` and `run`).
 
 A `UserError` prints `error: <message>` on stderr and exits with status 2, no
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ion.errors import UserError
-from pipeline.commands import ablations, config_docs, gc, predict, run, status
+from pipeline.commands import ablations, config_docs, gc, plan, predict, run, status
 from pipeline.execution.disk_errors import disk_error
 from pipeline.execution.session import ReportedError
 from pipeline.execution.stopping import StopSignals
@@ -22,7 +22,7 @@ from pipeline.execution.stopping import StopSignals
 EXIT_USER_ERROR = 2
 EXIT_SIGNAL_BASE = 128  # the shell's convention: 130 after SIGINT, 143 after SIGTERM
 EXIT_INTERRUPTED = EXIT_SIGNAL_BASE + signal.SIGINT
-COMMANDS = (run, status, gc, predict, ablations, config_docs)
+COMMANDS = (run, plan, status, gc, predict, ablations, config_docs)
 
 
 def build_parser() -> argparse.ArgumentParser:
