@@ -40,6 +40,9 @@ class Stage:
     upstream: tuple[str, ...]
     run: Callable[..., Any]
     module: str = ""  # the stage module's import name: whose source its key fingerprints
+    # RELOCATE (optional): (cfg, out) -> stages.contract.Relocation | None, a finished output's
+    # record of its inputs' places brought to the config's (the key, made of content, is the same)
+    relocate: Callable[..., Any] | None = None
 
     @classmethod
     def from_module(cls, module: ModuleType | Any) -> "Stage":
@@ -49,7 +52,8 @@ class Stage:
         if missing:
             raise TypeError(f"stage module {label} lacks {', '.join(missing)} (see docs/CONTRACTS.md, Stage API)")
         stage = cls(name=module.NAME, version=module.VERSION, reads=tuple(module.READS),
-                    upstream=tuple(module.UPSTREAM), run=module.run, module=getattr(module, "__name__", ""))
+                    upstream=tuple(module.UPSTREAM), run=module.run, module=getattr(module, "__name__", ""),
+                    relocate=getattr(module, "RELOCATE", None))
         if not isinstance(stage.version, str) or not stage.version:
             raise TypeError(f"stage module {label}: VERSION must be a non-empty string")
         if not callable(stage.run):

@@ -91,19 +91,24 @@ def check_upstream(stages: Sequence[Stage], selected: Sequence[Stage], keys: dic
                     f"which is missing: run {command} --stages {to_run} (or --stages all)")
 
 
-def set_aside_damaged(stages: Sequence[Stage], selected: Sequence[Stage], keys: dict[str, str],
-                      store: ArtifactStore, *, force: bool) -> dict[str, list[str]]:
-    """Check the finished outputs this run would read (selected cache hits and
-    the upstream outputs of the stages it will run) against their manifests; a
-    damaged one is set aside (it no longer exists, so it is recomputed) and said
-    so on stderr. Returns {stage: damaged files}."""
+def _read_outputs(stages: Sequence[Stage], selected: Sequence[Stage], *, force: bool) -> list[Stage]:
+    """The stages whose finished outputs this run would read: selected cache hits and the
+    upstream outputs of the stages it will run, in pipeline order."""
     read: list[str] = []
     for s in selected:
         if not force:
             read.append(s.name)
         read.extend(s.upstream)
+    return [s for s in stages if s.name in read]
+
+
+def set_aside_damaged(stages: Sequence[Stage], selected: Sequence[Stage], keys: dict[str, str],
+                      store: ArtifactStore, *, force: bool) -> dict[str, list[str]]:
+    """Check the finished outputs this run would read against their manifests; a
+    damaged one is set aside (it no longer exists, so it is recomputed) and said
+    so on stderr. Returns {stage: damaged files}."""
     damaged = {}
-    for name in (s.name for s in stages if s.name in read):
+    for name in (s.name for s in _read_outputs(stages, selected, force=force)):
         if not store.exists(name, keys[name]):
             continue
         bad = store.damaged(name, keys[name])
@@ -114,6 +119,30 @@ def set_aside_damaged(stages: Sequence[Stage], selected: Sequence[Stage], keys: 
             print(f"damaged: {out / bad[0]}{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''} does not "
                   f"match the manifest of {name}; set aside, it is recomputed", file=sys.stderr, flush=True)
     return damaged
+
+
+def relocate_outputs(cfg: Any, stages: Sequence[Stage], selected: Sequence[Stage], keys: dict[str, str],
+                     store: ArtifactStore, *, force: bool) -> dict[str, tuple[str, ...]]:
+    """Bring the finished outputs this run would read to the places the config names now
+    (a stage's RELOCATE: a dataset moved to another disk keeps its key, its output's
+    record of where the images are is rewritten in place, under the output's lock, the
+    manifest checksumming the new files). Returns {stage: the config fields that moved}."""
+    moved = {}
+    for stage in _read_outputs(stages, selected, force=force):
+        key = keys[stage.name]
+        if stage.relocate is None or not store.exists(stage.name, key):
+            continue
+        with store.locked(stage.name, key):
+            if not store.exists(stage.name, key):
+                continue
+            relocation = stage.relocate(cfg, store.path(stage.name, key))
+            if relocation is None:
+                continue
+            store.rewrite(stage.name, key, relocation.files)
+        moved[stage.name] = relocation.fields
+        emit(f"stage {stage.name}: relocated ({', '.join(relocation.fields)}): {relocation.note}; "
+             f"key {key[:SHORT_KEY]} and the outputs after it kept")
+    return moved
 
 
 def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], tracker: Tracker,
@@ -132,6 +161,7 @@ def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], 
     if workdir.is_dir():  # what a killed command left beside the stores (stage outputs: see store.prepare)
         remove_temporaries(workdir, recursive=False, dead_only=True)
     set_aside_damaged(stages, selected, keys, store, force=force)
+    relocate_outputs(cfg, stages, selected, keys, store, force=force)
     check_upstream(stages, selected, keys, store, force=force, command=command)
     cached = {s.name: not force and store.exists(s.name, keys[s.name]) for s in selected}
     # Before any stage: a training job the cluster cannot hold fails here in one line, not after the others ran.

@@ -48,6 +48,18 @@ class StageResult:
 
 
 @dataclass(frozen=True)
+class Relocation:
+    """What a stage's optional `relocate(cfg, out) -> Relocation | None` returns when a finished
+    output records places of its inputs that the config now names elsewhere (a dataset moved to
+    another disk): the key, made of the inputs' content, is the same, so the orchestrator rewrites
+    these files of the output in place, checksums them into its manifest, and says so."""
+
+    fields: tuple[str, ...]  # the config fields whose places changed ("data.coco.train_images")
+    files: dict[str, bytes]  # output-relative path -> its new content
+    note: str  # what changed, for the user ("images read from /fast/coco/train2017")
+
+
+@dataclass(frozen=True)
 class TrainerSetup:
     """How to run a distributed training job (Ray Train's TorchTrainer underneath)."""
 

@@ -33,11 +33,13 @@ from ion.data.split import INDEX_FILE
 from ion.data.voc import load_voc_split
 from ion.errors import UserError
 from stages.contract import StageContext, StageResult
+from stages.data_locations import IMAGE_SOURCES, common_folder, relocate, split_image_sources
 
 NAME = "data"
 VERSION = "1"
 READS = ("seed", "data")
 UPSTREAM = ()
+RELOCATE = relocate  # a dataset moved elsewhere: index.json points at the new place (stages/data_locations.py)
 
 IMAGES_PER_TASK = 50
 COCO_SMALL_AREA = 32**2  # COCO's "small": area < 32^2
@@ -59,8 +61,8 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
     if cfg.data.source == "synthetic":
         return _run_synthetic(seed=cfg.seed, syn=cfg.data.synthetic, out=out, ctx=ctx)
     if cfg.data.source == "voc":
-        return _run_voc(voc=cfg.data.voc, out=out)
-    return _run_coco(coco=cfg.data.coco, out=out, ctx=ctx)
+        return _run_voc(voc=cfg.data.voc, out=out, sources=split_image_sources(cfg.data))
+    return _run_coco(coco=cfg.data.coco, out=out, ctx=ctx, sources=split_image_sources(cfg.data))
 
 
 # ------------------------------------------------------------------ synthetic
@@ -147,7 +149,8 @@ def _path(value: str | None) -> Path | None:
     return None if value is None else Path(value)
 
 
-def _run_coco(*, coco: CocoConfig, out: Path, ctx: StageContext) -> StageResult:
+def _run_coco(*, coco: CocoConfig, out: Path, ctx: StageContext,
+              sources: dict[str, dict[str, str]]) -> StageResult:
     report = ValidationReport()
     splits = build_coco_splits(
         train_annotations=Path(coco.train_annotations), train_images=Path(coco.train_images),
@@ -157,19 +160,24 @@ def _run_coco(*, coco: CocoConfig, out: Path, ctx: StageContext) -> StageResult:
         test_images=_path(coco.test_images), on_bad=coco.on_bad_annotation, box_tolerance=coco.box_tolerance,
         check_image_files=coco.check_image_files, report=report,
         map_fn=lambda fn, items: ctx.map(fn, items, desc="image headers"))
-    return _write_splits(splits, out, source="coco", metrics=report.metrics(), notes=report.lines())
+    return _write_splits(splits, out, source="coco", metrics=report.metrics(), notes=report.lines(),
+                         sources=sources)
 
 
 def _write_splits(splits: dict[str, CocoSplit], out: Path, *, source: str, metrics: dict[str, float],
-                  notes: list[str]) -> StageResult:
-    """Write real-image splits (COCO or VOC, already COCO-format), the index and the preview."""
+                  notes: list[str], sources: dict[str, dict[str, str]]) -> StageResult:
+    """Write real-image splits (COCO or VOC, already COCO-format), the index and the preview.
+    `sources`: per split, the config fields its images come from (stages/data_locations.py)."""
     index: dict = {"source": source, "splits": {}, "categories": splits["train"].coco["categories"]}
     summary: list[str] = []
     for name in SPLITS:
         split = splits[name]
         _write_json_atomic(out / "annotations" / f"{name}.json", split.coco)
         index["splits"][name] = {"annotations": f"annotations/{name}.json", "image_dir": str(split.image_dir),
-                                 "has_annotations": split.has_annotations, "num_images": len(split.coco["images"])}
+                                 "has_annotations": split.has_annotations, "num_images": len(split.coco["images"]),
+                                 IMAGE_SOURCES: sources[name]}
+        # The record a moved dataset is checked against: it must name the folder the split was built from.
+        assert common_folder(sources[name]) == str(split.image_dir), (name, sources[name], split.image_dir)
         # 80 COCO classes x 3 splits would bury the headline metrics: counts per class only for synthetic.
         split_metrics, line = _split_counts(name, split.coco, per_class=False)
         metrics.update(split_metrics)
@@ -195,7 +203,7 @@ def _voc_pairs(sets) -> list[tuple[Path, str]]:
     return [(Path(s.root), s.set) for s in sets]
 
 
-def _run_voc(*, voc: VocConfig, out: Path) -> StageResult:
+def _run_voc(*, voc: VocConfig, out: Path, sources: dict[str, dict[str, str]]) -> StageResult:
     """07 trainval + 12 trainval style training sets, a test set, and minival (given, or held out of train)."""
     check = dict(check_image_files=voc.check_image_files)
     train = load_voc_split(_voc_pairs(voc.train), **check)
@@ -218,7 +226,7 @@ def _run_voc(*, voc: VocConfig, out: Path) -> StageResult:
         raise UserError(f"data.voc: {len(overlap)} images are in both the train and the test sets (e.g. id "
                         f"{min(overlap)}): name disjoint image sets")
     return _write_splits({"train": train, "minival": minival, "test": test}, out, source="voc", metrics={},
-                         notes=notes)
+                         notes=notes, sources=sources)
 
 
 # ------------------------------------------------------------------ preview

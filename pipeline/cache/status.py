@@ -3,7 +3,10 @@
 - cached:  an output exists under the current key;
 - stale:   none under the current key, but one under another key (the config
            or an upstream output changed since it was produced);
-- missing: no output of this stage at all.
+- missing: no output of this stage at all;
+- relocated: cached, but its inputs now live elsewhere (a dataset moved to another
+           disk, the config pointed there): the next run rewrites the output's
+           record of their places, under the same key (a stage's RELOCATE).
 
 For a stale stage, `status` names what changed since its most recent output
 (pipeline/cache/changes.py): config keys, input files, source modules, upstream outputs.
@@ -13,11 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ion.errors import UserError
 from pipeline.cache.changes import describe_changes
 from pipeline.cache.store import ArtifactStore
 from pipeline.graph import SHORT_KEY, Stage, cache_materials, input_state
 
-CACHED, STALE, MISSING, MODIFIED = "cached", "stale", "missing", "modified"
+CACHED, STALE, MISSING, MODIFIED, RELOCATED = "cached", "stale", "missing", "modified", "relocated"
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,16 @@ def stage_statuses(stages: Sequence[Stage], cfg: Any, store: ArtifactStore, *,
         if manifest is not None:
             changed = store.verify(stage.name, key) if verify else []
             state = MODIFIED if changed else CACHED
+            if state == CACHED and stage.relocate is not None:
+                try:
+                    relocation = stage.relocate(cfg, store.path(stage.name, key))
+                except UserError as err:
+                    state, reasons = RELOCATED, [str(err)]
+                else:
+                    if relocation is not None:
+                        state = RELOCATED
+                        reasons = [f"{', '.join(relocation.fields)}: the next run rewrites it in place, "
+                                   f"{relocation.note}; the later stages stay cached"]
         else:
             state = STALE if others else MISSING
             if others:
@@ -64,6 +78,8 @@ def format_status(statuses: Sequence[StageStatus], store: ArtifactStore) -> str:
         if s.state == STALE:
             note = f"  (changed: {'; '.join(s.reasons)})" if s.reasons else (
                 f"  (an older output: {', '.join(k[:SHORT_KEY] for k in s.other_keys)})")
+        elif s.state == RELOCATED:
+            note = f"  ({'; '.join(s.reasons)})"
         elif s.state == MODIFIED:
             note = f"  (changed since written: {', '.join(s.changed_files[:3])}; rerun with --force)"
         lines.append(f"{s.name:<10} {s.key[:SHORT_KEY]:<{SHORT_KEY}}  {s.state:<8}  {s.run_id or '-'}{note}")

@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from filelock import FileLock, Timeout
 
-from ion.atomic import TMP_SUFFIX, remove_temporaries, write_text_atomic
+from ion.atomic import TMP_SUFFIX, remove_temporaries, write_bytes_atomic, write_text_atomic
 from ion.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -183,6 +183,19 @@ class ArtifactStore:
         }
         write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         return manifest
+
+    def rewrite(self, stage: str, key: str, files: dict[str, bytes]) -> None:
+        """Replace these files of a finished output (relative path -> content), each atomically,
+        and their checksums in its manifest (rewritten atomically, last). Hold the output's lock."""
+        out = self.path(stage, key)
+        manifest = self.manifest(stage, key)
+        if manifest is None:
+            raise FileNotFoundError(out / MANIFEST)
+        for rel, data in files.items():
+            write_bytes_atomic(out / rel, data)
+            manifest["files"][rel] = {"sha256": file_sha256(out / rel), "bytes": len(data)}
+        manifest["rewritten"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
     def damaged(self, stage: str, key: str) -> list[str]:
         """Files of an existing output that do not match its manifest ("manifest.json"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import threading
@@ -47,6 +48,7 @@ _TOKEN_NOTICE_LOGGER = "ray._private.authentication.authentication_token_setup"
 _AUTH_MODE_ENV = "RAY_AUTH_MODE"
 _WAIT_BATCH = 64
 _ITEM_REPR = 200
+_REASON_CHARS = 300  # of Ray's own start-up error, in the one-line message
 HIDE_GPUS = {"CUDA_VISIBLE_DEVICES": ""}  # what a worker that holds no GPU sees
 _CALLS_PER_ACTOR = 2  # queued on each GPU actor: the next item is there when one finishes
 
@@ -96,8 +98,12 @@ def init_ray(runtime: RuntimeConfig, *, tracking_uri: str | None = None) -> bool
                   logging_level=logging.WARNING, log_to_driver=False)
     logging.getLogger(_TOKEN_NOTICE_LOGGER).setLevel(logging.ERROR)
     if address is None:
-        with _own_sigterm_handler():
-            ray.init(**local_resources(runtime), include_dashboard=False, **common)
+        try:
+            with _own_sigterm_handler():
+                ray.init(**local_resources(runtime), include_dashboard=False, **common)
+        except Exception as err:  # noqa: BLE001 - any start-up fault of Ray's own processes
+            ray.shutdown()  # whatever part of the instance did start
+            raise _start_error(err) from None
         return True
     source = "runtime.ray_address" if runtime.ray_address else "RAY_ADDRESS"
     check_reachable(address, source=source)
@@ -131,6 +137,32 @@ def cluster_summary() -> str:
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
     return (f"{nodes} node{'s' if nodes != 1 else ''}, {resources.get('CPU', 0.0):g} CPUs, "
             f"{resources.get('GPU', 0.0):g} GPUs")
+
+
+def _start_error(err: Exception) -> UserError:
+    """A UserError for a local Ray instance that did not start: its temp folder
+    (sockets, logs, the object spill area) is the usual cause: missing, not a
+    folder, unwritable or full; on a loaded machine its processes may also not
+    answer in time."""
+    temp = ray_temp_dir()
+    try:
+        usage = shutil.disk_usage(os.path.dirname(temp))
+        free = f"{usage.free / 2**20:.0f} MiB free"
+    except OSError as stat_err:
+        free = f"unusable: {stat_err.strerror or stat_err}"
+    reason = " ".join(f"{type(err).__name__}: {err}".split())
+    if len(reason) > _REASON_CHARS:
+        reason = reason[: _REASON_CHARS - 3] + "..."
+    return UserError(f"Ray: the local Ray instance did not start ({reason}); its temp folder is {temp} ({free}): "
+                     f"free space there or set RAY_TMPDIR to a writable folder with free space, check that the "
+                     f"machine is not out of memory or processes, and run the same command again")
+
+
+def ray_temp_dir() -> str:
+    """Where a local Ray instance keeps its session files: ray/ in Ray's own choice
+    of temp folder (RAY_TMPDIR, else TMPDIR, else /tmp)."""
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return os.path.join(base, "ray")
 
 
 def _join_error(address: str, source: str, err: ConnectionError) -> UserError:

@@ -142,3 +142,22 @@ def test_commands_that_run_stages_share_one_path(command, tmp_path, monkeypatch,
     logs = list((workdir / "logs").glob("run-*.log"))
     assert len(logs) == 1 and "the MLflow server does not answer" in logs[0].read_text(encoding="utf-8")
     assert not (workdir / "artifacts").exists()
+
+
+def test_ray_that_cannot_start_exits_2_naming_ray_and_the_fix(tmp_path, workdir):
+    """A real start-up fault, not a mock: RAY_TMPDIR below a plain file, so Ray cannot make its session folder."""
+    (tmp_path / "not-a-folder").write_text("")
+    temp = tmp_path / "not-a-folder" / "ray-tmp"
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "--config", str(SMOKE), "--workdir",
+                           str(workdir), "--stages", "data", "-o", "data.synthetic.num_train=4",
+                           "-o", "data.synthetic.num_minival=2", "-o", "data.synthetic.num_test=2"],
+                          cwd=PROJECT_ROOT, env={**env, "RAY_TMPDIR": str(temp)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: Ray: the local Ray instance did not start (NotADirectoryError: [Errno 20] Not a directory: "
+        f"'{temp}'); its temp folder is {temp}/ray (unusable: Not a directory): free space there or set "
+        f"RAY_TMPDIR to a writable folder with free space, check that the machine is not out of memory or "
+        f"processes, and run the same command again"]

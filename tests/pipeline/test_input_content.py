@@ -3,6 +3,7 @@ dataset elsewhere, a touched file or a stray file beside the images change no ke
 image a split uses, or an edited annotation file, make the data stage stale and `status` names it."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -12,9 +13,9 @@ import scipy.io
 
 from ion.errors import UserError
 from pipeline.cache.input_state import STATE_DIR, STATE_FILE
-from pipeline.cache.status import STALE, stage_statuses
+from pipeline.cache.status import CACHED, RELOCATED, STALE, stage_statuses
 from pipeline.cache.store import ArtifactStore
-from pipeline.config import load_config
+from pipeline.config import PROJECT_ROOT, load_config
 from pipeline.graph import cache_keys, cache_materials, registered_stages
 from tests.conftest import SHARED
 
@@ -117,3 +118,105 @@ def test_the_mcg_folder_is_keyed_by_the_files_of_the_split_images(dataset, tmp_p
     scipy.io.savemat(linked / f"{images[0]}.mat", {"boxes": np.array([[2.0, 2, 9, 9]]), "scores": np.array([[0.4]])})
     changed = cache_keys(stages, cfg)
     assert changed["data"] == keys["data"] and changed["proposals"] != keys["proposals"]
+
+
+def _pixels_stage():
+    """A stage after data that reads images through the data output, as proposals and detect do."""
+    import types
+
+    from ion.data.coco_splits import SPLITS
+    from ion.data.split import DetectionSplit
+    from stages.contract import StageResult
+
+    def run(cfg, inputs, out, ctx):
+        read = {}
+        for name in SPLITS:
+            split = DetectionSplit.load(inputs["data"], name, with_annotations=False)
+            read[name] = [str(record.path) for record in split.images[:2]]
+            for record in split.images[:2]:
+                assert record.load().shape == (record.height, record.width, 3)
+        (out / "read.json").write_text(json.dumps(read))
+        return StageResult(summary=[f"read {split.image_dir}"])
+
+    return types.SimpleNamespace(__name__="stages.data", NAME="pixels", VERSION="1", READS=("seed",),
+                                 UPSTREAM=("data",), run=run)
+
+
+def _run(cfg, spec="all", *, force=False):
+    import stages.data
+    from pipeline.graph import build_graph, select_stages
+    from pipeline.runner import run_stages
+    from pipeline.tracking.client import Tracker, tracking_uri_for
+
+    graph = build_graph([stages.data, _pixels_stage()])
+    workdir = cfg.runtime.workdir
+    tracker = Tracker(tracking_uri=tracking_uri_for(workdir), experiment=cfg.name, workdir=workdir)
+    report = run_stages(cfg, stages=graph, selected=select_stages(graph, spec), tracker=tracker, force=force)
+    return graph, {o.name: not o.cached for o in report.outcomes}, {o.name: o.key for o in report.outcomes}
+
+
+def test_a_moved_dataset_keeps_every_output_and_is_read_from_its_new_place(dataset, tmp_path, workdir, capfd):
+    no_headers = "data.coco.check_image_files=false"  # the preview still reads images; no Ray needed
+    graph, ran, keys = _run(_config(dataset, workdir, no_headers))
+    assert ran == {"data": True, "pixels": True}
+    moved = tmp_path / "faster-disk" / "coco"
+    moved.parent.mkdir()
+    shutil.move(dataset, moved)  # the old copy is gone
+    cfg = _config(moved, workdir, no_headers)
+    store = ArtifactStore(workdir)
+
+    status = {s.name: s for s in stage_statuses(graph, cfg, store)}
+    assert status["data"].state == RELOCATED and status["pixels"].state == CACHED
+    assert status["data"].reasons == [
+        f"data.coco.train_images, data.coco.val_images: the next run rewrites it in place, images read from "
+        f"{moved}/train2017, {moved}/val2017; the later stages stay cached"]
+
+    capfd.readouterr()
+    _, ran, again = _run(cfg)
+    assert ran == {"data": False, "pixels": False} and again == keys  # days of training stay cached
+    assert (f"stage data: relocated (data.coco.train_images, data.coco.val_images): images read from "
+            f"{moved}/train2017, {moved}/val2017; key {keys['data'][:12]} and the outputs after it kept"
+            in capfd.readouterr().out)
+    index = json.loads((store.path("data", keys["data"]) / "index.json").read_text())
+    assert {name: entry["image_dir"] for name, entry in index["splits"].items()} == {
+        "train": f"{moved}/train2017", "minival": f"{moved}/val2017", "test": f"{moved}/val2017"}
+    assert store.verify("data", keys["data"]) == []  # the manifest checksums the rewritten index
+    assert {s.name: s.state for s in stage_statuses(graph, cfg, store)} == {"data": CACHED, "pixels": CACHED}
+
+    _, ran, _ = _run(cfg, "pixels", force=True)  # a stage that reads images, run again
+    assert ran == {"pixels": True}
+    read = json.loads((store.path("pixels", keys["pixels"]) / "read.json").read_text())
+    assert all(path.startswith(f"{moved}/") for paths in read.values() for path in paths)
+
+
+def test_image_folders_moved_apart_ask_for_the_data_stage_again(dataset, tmp_path, workdir):
+    """train2017 + the rest of val2017 in one split: its file names are relative to their common
+    folder, so val2017 moved elsewhere alone cannot be fixed by pointing the index at a new folder."""
+    def config(val):
+        path = tmp_path / "trainval.yaml"  # val_rest and the test files change together: a file, not -o's
+        path.write_text(
+            f"extends: {PROJECT_ROOT / 'configs' / 'coco_mini.yaml'}\n"
+            f"data:\n  coco:\n    check_image_files: false\n    val_rest: train\n"
+            f"    train_annotations: {dataset}/annotations/instances_train2017.json\n"
+            f"    train_images: {dataset}/train2017\n"
+            f"    val_annotations: {dataset}/annotations/instances_val2017.json\n    val_images: {val}\n"
+            f"    test_annotations: {dataset}/annotations/instances_val2017.json\n    test_images: {val}\n")
+        return load_config(str(path), [], workdir=workdir)
+    graph, ran, keys = _run(config(dataset / "val2017"))
+    elsewhere = tmp_path / "other-disk" / "val2017"
+    elsewhere.parent.mkdir()
+    shutil.move(dataset / "val2017", elsewhere)
+    cfg = config(elsewhere)
+    message = (f"data.coco.val_images: the image folders of the train split moved apart ({elsewhere}, recorded "
+               f"{dataset}/val2017); the cached data output names its images relative to their common folder: "
+               f"rebuild it under the same key (later stages stay cached): python -m pipeline run --stages data "
+               f"--force")
+    status = {s.name: s for s in stage_statuses(graph, cfg, ArtifactStore(workdir))}
+    assert status["data"].state == RELOCATED and status["data"].reasons == [message]
+    with pytest.raises(UserError) as err:
+        _run(cfg)
+    assert str(err.value) == message
+    _, ran, again = _run(cfg, "data", force=True)  # the fix the message names
+    assert ran == {"data": True} and again["data"] == keys["data"]
+    _, ran, _ = _run(cfg)
+    assert ran == {"data": False, "pixels": False}
