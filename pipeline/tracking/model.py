@@ -51,8 +51,8 @@ THRESHOLDS_PATH = "thresholds/best.json"  # inside the model folder
 PROJECT_PACKAGES = ("ion", "proposals", "stages", "pipeline")
 COLUMNS = ["file_name", "image_id", "category_id", "category", "bbox", "score", "error"]
 # What loading and predicting import (checked by tests/pipeline/test_mlflow_model.py in a
-# fresh process; tqdm: mlflow.pyfunc imports it without requiring it); MLflow adds itself. Stated, not inferred: inferring imports the model
-# in a subprocess, which takes seconds.
+# fresh process; tqdm: mlflow.pyfunc imports it without requiring it); MLflow adds itself.
+# Stated, not inferred: inferring imports the model in a subprocess, which takes seconds.
 REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "opencv-contrib-python-headless", "pyyaml", "scipy",
                 "h5py", "pycocotools", "filelock", "pandas", "tqdm")
 
