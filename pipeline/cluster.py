@@ -24,10 +24,9 @@ import ray
 
 from ion.errors import UserError
 from pipeline.progress import Progress
-from pipeline.runtime import TRACKING_URI_ENV, RuntimeConfig, tracking_uri_for
+from pipeline.runtime import TRACKING_URI_ENV, WORKDIR_ENV, RuntimeConfig, tracking_uri_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-WORKDIR_ENV = "ION_WORKDIR"
 # Ray >= 2.5x turns token authentication on for every new local instance and
 # warns about it on each start ("Token authentication is enabled for this Ray
 # cluster. Set RAY_AUTH_MODE=disabled to opt out."). Token auth is what we want

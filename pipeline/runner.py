@@ -274,6 +274,7 @@ def format_summary(report: RunReport) -> str:
               f"MLflow:  experiment {report.experiment!r}, run {report.parent_run_id}",
               f"         {ui_hint(report.tracking_uri)}"]
     if report.pending_records:
-        lines.append(f"         {report.pending_records} tracking record(s) not sent ({report.tracking_error}): kept "
+        why = f" ({report.tracking_error})" if report.tracking_error else ""
+        lines.append(f"         {report.pending_records} tracking record(s) not sent{why}: kept "
                      f"in {report.pending_path}, sent by the next run once MLflow answers")
     return "\n".join(lines)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from stages.contract import RuntimeConfig
 
-__all__ = ["MLFLOW_DB", "TRACKING_URI_ENV", "RuntimeConfig", "tracking_uri_for"]
+__all__ = ["MLFLOW_DB", "TRACKING_URI_ENV", "WORKDIR_ENV", "RuntimeConfig", "tracking_uri_for"]
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+WORKDIR_ENV = "ION_WORKDIR"  # the workdir, in every Ray worker (pipeline/cluster.py)
 MLFLOW_DB = "mlflow.db"
 
 
