@@ -126,6 +126,7 @@ def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], 
     set_aside_damaged(stages, selected, keys, store, force=force)
     check_upstream(stages, selected, keys, store, force=force, command=command)
     tracker.flush_pending()  # what an earlier run could not send
+    tracker.close_abandoned()  # runs of a command killed with SIGKILL
 
     config_text = to_yaml(cfg)
     # Named for the config and the stages asked for: "smoke: all", "default: tune".

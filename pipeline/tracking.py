@@ -20,7 +20,6 @@ stages: what they log is kept in `<workdir>/mlflow_pending.jsonl`
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import os
@@ -58,10 +57,12 @@ from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH,
 from ion.errors import UserError  # noqa: E402
 from pipeline.code_version import code_version  # noqa: E402
 from pipeline.pending import PendingRecords, Rejected, Replayed  # noqa: E402
-from pipeline.runtime import MLFLOW_DB, TRACKING_URI_ENV, WORKDIR_ENV, tracking_uri_for  # noqa: E402
+from pipeline.run_owner import OWNER_TAG, is_gone, this_process  # noqa: E402
+from pipeline.sqlite_store import drop_migration_leftovers  # noqa: E402
+from pipeline.runtime import MLFLOW_DB, TRACKING_URI_ENV, tracking_uri_for  # noqa: E402
 from ion.schema import flatten  # noqa: E402
 
-__all__ = ["FAILED", "FINISHED", "KILLED", "TrackedRun", "Tracker", "download_artifacts", "run_by_id",
+__all__ = ["FAILED", "FINISHED", "KILLED", "TrackedRun", "Tracker", "download_artifacts",
            "tracking_uri_for", "ui_hint"]
 
 ARTIFACTS_DIR = "mlartifacts"
@@ -102,7 +103,7 @@ def _now_ms() -> int:
 OFFLINE_PREFIX = "offline-"
 # What a store that does not answer raises: MLflow's own errors, the HTTP
 # client's (retries exhausted), the OS's (a sqlite file that went away).
-_STORE_ERRORS = (MlflowException, SQLAlchemyError, requests.RequestException, OSError)
+STORE_ERRORS = (MlflowException, SQLAlchemyError, requests.RequestException, OSError)
 # What a store answers for a record it will never take (its run was deleted in
 # the UI, the store was moved aside and started anew, a param logged twice with
 # two values): set aside, not retried.
@@ -113,7 +114,7 @@ def _refused_for_good(err: Exception) -> bool:
     return isinstance(err, MlflowException) and err.error_code in _REFUSED_FOR_GOOD
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
     text = str(err).strip()
     return (text.splitlines()[0] if text else type(err).__name__)[:200]
 _PROBE_TIMEOUT_S = 5.0
@@ -198,57 +199,6 @@ class TrackedRun:
         self._tracker.send({"op": "terminate", "run": self.run_id, "status": status, "end": _now_ms()})
 
 
-def run_by_id(run_id: str) -> TrackedRun:
-    """An existing run, from another process (a Ray Train worker): the store is
-    MLFLOW_TRACKING_URI and the pending queue that of ION_WORKDIR, which
-    pipeline/cluster.py gives every Ray worker."""
-    uri, workdir = os.environ.get(TRACKING_URI_ENV), os.environ.get(WORKDIR_ENV)
-    if not uri or not workdir:
-        raise RuntimeError(f"{TRACKING_URI_ENV} or {WORKDIR_ENV} is not set in this worker "
-                           "(pipeline/cluster.py's runtime env sets them)")
-    return TrackedRun(_WorkerStore(uri, PendingRecords(Path(workdir))), run_id)
-
-
-class _WorkerStore:
-    """What a run opened in a training worker sends its metrics through: straight
-    to the store while it answers; from the first failure on (a server down, a
-    store locked or slow), into the workdir's pending queue, which the driver
-    replays, so training never waits on or stops for the store again. The
-    driver says how many records wait (pipeline/run_context.py)."""
-
-    def __init__(self, uri: str, pending: PendingRecords) -> None:
-        self._uri = uri
-        self.pending = pending
-        self.offline_error: str | None = None
-
-    @functools.cached_property
-    def _client(self) -> MlflowClient:
-        return MlflowClient(tracking_uri=self._uri)
-
-    def last_step(self, run_id: str, key: str) -> int | None:
-        if self.offline_error is not None or run_id.startswith(OFFLINE_PREFIX):
-            return None
-        try:
-            history = self._client.get_metric_history(run_id, key)
-        except _STORE_ERRORS as err:
-            self.offline_error = _first_line(err)
-            return None
-        return max((m.step for m in history), default=None)
-
-    def send(self, record: dict[str, Any]) -> None:
-        if record["op"] != "metrics":
-            raise ValueError(f"a training worker logs metrics only, not {record['op']!r}")
-        if self.offline_error is None and not record["run"].startswith(OFFLINE_PREFIX):
-            try:
-                self._client.log_batch(record["run"], metrics=[Metric(key=k, value=v, timestamp=t, step=s)
-                                                               for k, v, t, s in record["metrics"]])
-                return
-            except _STORE_ERRORS as err:
-                self.offline_error = _first_line(err)
-        # A resumed worker logs its whole history again: the replay skips the steps the run holds.
-        self.pending.append({**record, "dedupe": True})
-
-
 class Tracker:
     """The MLflow side of one `pipeline run` invocation.
 
@@ -290,7 +240,7 @@ class Tracker:
     @functools.cached_property
     def common_tags(self) -> dict[str, str]:
         """Tags of every run: the code version and the config file's sha256."""
-        tags = {CODE_VERSION_TAG: code_version()}
+        tags = {CODE_VERSION_TAG: code_version(), OWNER_TAG: this_process()}
         if self._config_file is not None and Path(self._config_file).is_file():
             tags[CONFIG_SHA_TAG] = hashlib.sha256(Path(self._config_file).read_bytes()).hexdigest()
             tags["config_file"] = str(self._config_file)
@@ -313,7 +263,7 @@ class Tracker:
             except (MlflowException, SQLAlchemyError) as err:
                 failure = err
             try:
-                repaired = _drop_migration_leftovers(self._workdir / MLFLOW_DB)
+                repaired = drop_migration_leftovers(self._workdir / MLFLOW_DB)
             except sqlite3.Error:  # not a sqlite database at all
                 repaired = False
             if not repaired:
@@ -357,7 +307,7 @@ class Tracker:
             return None
         try:
             history = self._client.get_metric_history(run_id, key)
-        except _STORE_ERRORS as err:
+        except STORE_ERRORS as err:
             self._go_offline(err)
             return None
         return max((m.step for m in history), default=None)
@@ -388,7 +338,7 @@ class Tracker:
         if self.offline_error is None:
             try:
                 return TrackedRun(self, self._apply(record))
-            except _STORE_ERRORS as err:
+            except STORE_ERRORS as err:
                 self._go_offline(err)
         self.pending.append(record)
         return TrackedRun(self, record["run"])
@@ -413,12 +363,12 @@ class Tracker:
             try:
                 self._apply(record)
                 return
-            except _STORE_ERRORS as err:
+            except STORE_ERRORS as err:
                 self._go_offline(err)
         self.pending.append(record)
 
     def _go_offline(self, err: Exception) -> None:
-        self.offline_error = _first_line(err)
+        self.offline_error = first_line(err)
         print(f"warning: MLflow at {self.tracking_uri} does not answer ({self.offline_error}); the stages go on "
               f"and their tracking records are kept in {self.pending.path}", flush=True)
 
@@ -431,11 +381,27 @@ class Tracker:
         self._logged_steps.clear()
         try:
             done = self.pending.replay(self._replay_one)
-        except (UserError, *_STORE_ERRORS) as err:  # a store that cannot even be opened now
+        except (UserError, *STORE_ERRORS) as err:  # a store that cannot even be opened now
             self._go_offline(err)
             return self.pending.count()
         self._report(done)
         return done.left
+
+    def close_abandoned(self) -> int:
+        """Mark KILLED this experiment's RUNNING runs whose command was killed
+        (SIGKILL, pipeline/run_owner.py); how many. Never raises for a store that does not answer."""
+        if self.offline_error is not None:
+            return 0
+        try:
+            runs = self._client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+            gone = [r.info.run_id for r in runs if is_gone(r.data.tags.get(OWNER_TAG, ""))]
+            for run_id in gone:
+                self._client.set_tag(run_id, "error", "its command was killed (no clean-up ran)")
+                self._client.set_terminated(run_id, status=KILLED)
+        except (UserError, *STORE_ERRORS) as err:
+            self._go_offline(err)
+            return 0
+        return len(gone)
 
     def _report(self, done: Replayed) -> None:
         if done.rejected:
@@ -451,9 +417,9 @@ class Tracker:
         self._real_ids.update(ids)
         try:
             self._apply(record)
-        except _STORE_ERRORS as err:
+        except STORE_ERRORS as err:
             if _refused_for_good(err):
-                raise Rejected(_first_line(err)) from None
+                raise Rejected(first_line(err)) from None
             raise
         finally:
             ids.update(self._real_ids)
@@ -514,20 +480,6 @@ def _remove_tree(folder: Path) -> None:
         path.rmdir() if path.is_dir() else path.unlink()
     folder.rmdir()
 
-
-def _drop_migration_leftovers(db: Path) -> bool:
-    """Drop the `_alembic_tmp_*` tables a schema migration killed halfway leaves
-    in a sqlite store (sqlite's ALTER TABLE is a copy into such a table); True when
-    there were any. The migration then runs again from the recorded version."""
-    if not db.is_file():
-        return False
-    with contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
-        names = [row[0] for row in con.execute(
-            "SELECT name FROM sqlite_master WHERE type='table' AND name LIKE '\\_alembic\\_tmp\\_%' ESCAPE '\\'")]
-        for name in names:
-            con.execute(f'DROP TABLE "{name}"')
-        con.commit()
-    return bool(names)
 
 def download_artifacts(uri: str, dst: Path, *, tracking_uri: str) -> Path:
     """Download an artifact folder (`runs:/<run id>/model`) into `dst`; UserError naming the URI."""

@@ -272,7 +272,7 @@ class WorkerSession:
         if self.rank != 0 or self._run_id is None or not metrics:
             return
         if self._run is None:
-            from pipeline.tracking import run_by_id  # mlflow only where it is used: rank 0
+            from pipeline.worker_tracking import run_by_id  # mlflow only where it is used: rank 0
             self._run = run_by_id(self._run_id)
             self._logged_up_to = self._run.last_step(next(iter(metrics)))
         if self._logged_up_to is not None and step <= self._logged_up_to:

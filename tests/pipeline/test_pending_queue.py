@@ -168,7 +168,7 @@ def test_training_workers_queue_what_the_store_does_not_take(workdir, monkeypatc
     """A Ray Train worker's run (pipeline/train_adapter.py WorkerSession) with the
     server down: its points are queued, not dropped, and the replay adds only the
     steps the run does not hold (a resumed worker logs its history again)."""
-    from pipeline.tracking import run_by_id
+    from pipeline.worker_tracking import run_by_id
 
     store = local(workdir)
     run = store.start_parent(name="train", tags={})
