@@ -146,6 +146,11 @@ def run_trainer(worker_fn: Callable[..., Any], worker_config: dict[str, Any], se
                 checkpoint_score_order="max"),
         ),
     )
+    # Ray Train installs its own SIGINT handler in fit() (abort the run at once,
+    # no checkpoint) and leaves it there; the CLI's (pipeline/stopping.py) must
+    # stay: the first Ctrl-C finishes the update with a checkpoint, a second stops.
+    if hasattr(trainer, "_register_sigint_handler"):
+        trainer._register_sigint_handler = lambda controller: None
     try:
         with _ProgressPrinter(progress_file, desc=setup.name, should_stop=should_stop, stop_file=stop_file):
             result = trainer.fit()

@@ -263,14 +263,14 @@ def train(*, model: nn.Module, phases: Sequence[PhaseSpec], num_images: int,
                         f"non-finite gradient norm ({grad_norm}) at {where}); losses summed over this worker's "
                         f"images: {_format_terms(losses)}; stopped before the update; last good checkpoint: "
                         f"{last_saved}")
+                pos.advance(phases)
+                if on_iteration is not None:
+                    on_iteration(pos.iteration)
                 # Asked here so that the workers' answers travel with the loss sums:
                 # every worker stops after the same update, none waits in a collective.
                 stopping = should_stop is not None and should_stop()
                 losses, stopping = _sum_across_workers(losses, world_size, stopping)
                 _accumulate(window, losses, grad_norm=grad_norm, images=images_per_batch)
-                pos.advance(phases)
-                if on_iteration is not None:
-                    on_iteration(pos.iteration)
                 phase_end = pos.phase_index != p
                 if pos.iteration % log_every == 0 or phase_end:
                     record = window.record(iteration=pos.iteration, phase_index=p, lr=lr)
