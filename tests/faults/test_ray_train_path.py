@@ -19,6 +19,7 @@ after a delay. The data and proposals stages are the session's smoke outputs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -304,8 +305,12 @@ def test_chaos_of_the_multi_worker_path_ends_as_the_uninterrupted_run(upstream, 
             os.kill(proc.pid, signal.SIGTERM)
             results.append(finish(proc))
             assert results[-1].returncode == 128 + signal.SIGTERM, results[-1].stderr[-3000:]
-        elif fault == "kill_driver":
+        elif fault == "kill_driver":  # with every process of the command, the Ray Train workers included
+            everything = descendants(proc.pid)
             os.killpg(proc.pid, signal.SIGKILL)
+            for pid in everything:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             results.append(finish(proc))
         elif fault == "kill_train_worker":
             workers = train_worker_pids(proc.pid)
