@@ -35,7 +35,8 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from multiprocessing import Pool, TimeoutError as PoolTimeout
+from multiprocessing import Pool
+from multiprocessing import TimeoutError as PoolTimeout
 from pathlib import Path
 
 import numpy as np
@@ -308,7 +309,8 @@ def write_image(chunk: Chunk, index: int, image_id: int) -> tuple[dict, list[dic
     width, height = image_size(rng)
     entry = image_entry(chunk.folder, image_id, width, height, rng)
     mean = BOXES_PER_IMAGE
-    count = min(MAX_BOXES_PER_IMAGE, int(rng.negative_binomial(BOX_COUNT_SHAPE, BOX_COUNT_SHAPE / (BOX_COUNT_SHAPE + mean))))
+    count = min(MAX_BOXES_PER_IMAGE,
+                int(rng.negative_binomial(BOX_COUNT_SHAPE, BOX_COUNT_SHAPE / (BOX_COUNT_SHAPE + mean))))
     # Ids from the image id: unique across files and the same whatever the chunking.
     anns = [annotation(rng, ann_id=image_id * 100 + k, image_id=image_id, width=width, height=height)
             for k in range(count)]

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ion.modeling.build import build_detector
 from ion.data.split import DetectionSplit
 from ion.data.synthetic import CONTEXT_CATEGORY_IDS
 from ion.data.transforms import prepare
+from ion.modeling.build import build_detector
 from stages.train import load_trained_detector
 
 HELD_OUT = 0.3

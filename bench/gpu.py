@@ -3,14 +3,21 @@
     python -m bench.gpu            # on a GPU machine (CPU if there is none: slow)
     python -m bench.gpu --tiny     # the same code on a small model, on the CPU, in under a minute
 
-Measured side by side on whatever device it finds (CUDA if present):
-  - training images/s of ion.engine.loop.train: the model of configs/coco_ion.yaml
-    (VGG16 width 1.0 with conv6/conv7, skip pooling from conv3/4/5/7 + context,
-    four-direction IRNN with 512 hidden units and learned Whh), 600x1000 images,
-    2000 proposals, 128 sampled ROIs per image, 4 images per update, bf16
-    autocast on a GPU (fp32 on the CPU);
+Measured side by side on whatever device it finds (CUDA if present; the title
+names it):
+  - training images/s of ion.engine.loop.train: the model configs/coco_base.yaml
+    trains (VGG16 width 1.0 with conv6/conv7, skip pooling from conv3/4/5/7 +
+    context, four-direction IRNN with 512 hidden units and learned Whh, and the
+    segmentation loss on the top context map, weight 1), 600x1000 images with
+    instance masks, 2000 proposals, 128 sampled ROIs per image, 4 images per
+    update, bf16 autocast on a GPU (fp32 on the CPU);
   - inference images/s of ion.inference.predict.predict_raw: one pass, and
-    with the left-right flip and two box-regression rounds (bf16 on a GPU);
+    with the left-right flip and two box-regression rounds (bf16 on a GPU),
+    keeping candidates at the detect stage's score threshold (SCORE_THRESH =
+    detect.score_thresh's default). A random model's class scores are flat (all
+    ~1/81, below the threshold), so the class logits are scaled (bisection) for
+    the candidate count a trained model keeps (TARGET_CANDIDATES), and the
+    count is printed with the figures;
   - the IRNN's recurrence (forward + backward at conv5 of a 600x1000 image):
     the closed-form scan against the step loop (Whh = I);
   - ROI pooling of 2000 ROIs from conv5 (forward + backward): roi_pool against roi_align.
@@ -31,16 +38,19 @@ import torch
 
 from ion.engine.loop import TrainSample, train
 from ion.engine.schedule import Phase
-from ion.inference.predict import predict_raw
+from ion.inference.predict import SCORE_THRESH, predict_raw
 from ion.modeling.build import build_detector
-from ion.modeling.config import InputConfig, ModelConfig, RoiSamplingConfig
-from ion.modeling.context import ContextConfig
+from ion.modeling.config import ContextConfig, InputConfig, ModelConfig, RoiSamplingConfig
 from ion.modeling.irnn import four_direction_scan
 from ion.modeling.skip_pool import roi_pool_map
 
 NUM_CLASSES = 80  # COCO
 NUM_GT = 8
 IMAGES_PER_BATCH = 4
+SEG_LOSS_WEIGHT = 1.0  # configs/coco_base.yaml: Table 3 "S"
+# Candidates per image a trained detector keeps at SCORE_THRESH (docs/SCALE.md: ~1000;
+# docs/RESULTS.md: ~380 on the small smoke run).
+TARGET_CANDIDATES = 1000
 
 
 @dataclass(frozen=True)
@@ -55,13 +65,15 @@ class Size:
     inference_images: int
     hidden: int
     repeats: int
+    candidates: int = TARGET_CANDIDATES  # kept per image at SCORE_THRESH
 
 
 def paper_size() -> Size:
-    """configs/coco_ion.yaml's model section."""
+    """configs/coco_base.yaml's model section (coco_ion.yaml's)."""
     model = ModelConfig(width=1.0, conv67=True, pool_from=("conv3", "conv4", "conv5", "conv7", "context"),
                         roi_op="roi_pool", norm="blob", scale_mode="learned", dropout=0.0,
                         context=ContextConfig(kind="irnn", hidden=512, recurrent="learned"),
+                        seg_loss_weight=SEG_LOSS_WEIGHT,
                         input=InputConfig(min_size=600, max_size=1000),
                         sampling=RoiSamplingConfig(rois_per_image=128))
     return Size(model=model, height=600, width=1000, proposals=2000, train_iterations=6, inference_images=6,
@@ -73,9 +85,10 @@ def tiny_size() -> Size:
     model = ModelConfig(width=0.125, batchnorm=True, conv67=True,
                         pool_from=("conv3", "conv4", "conv5", "conv7", "context"), roi_op="roi_pool",
                         fc_dim=64, context=ContextConfig(kind="irnn", hidden=32, recurrent="learned"),
+                        seg_loss_weight=SEG_LOSS_WEIGHT,
                         input=InputConfig(min_size=128, max_size=200), sampling=RoiSamplingConfig(rois_per_image=32))
     return Size(model=model, height=128, width=200, proposals=200, train_iterations=2, inference_images=2,
-                hidden=32, repeats=2)
+                hidden=32, repeats=2, candidates=100)
 
 
 def _sync(device: torch.device) -> None:
@@ -90,7 +103,8 @@ def _random_boxes(rng: np.random.Generator, n: int, height: int, width: int) -> 
 
 
 def synthetic_samples(size: Size, count: int) -> list[TrainSample]:
-    """Random images, ground truth and proposals (half of them near the ground truth)."""
+    """Random images, ground truth with box-shaped instance masks (the segmentation
+    loss's targets) and proposals (half of them near the ground truth)."""
     rng = np.random.default_rng(0)
     samples = []
     for _ in range(count):
@@ -99,8 +113,11 @@ def synthetic_samples(size: Size, count: int) -> list[TrainSample]:
         near = (near + torch.from_numpy(rng.normal(0, 4, size=near.shape).astype(np.float32))).clamp(min=0)
         rest = torch.from_numpy(_random_boxes(rng, size.proposals - size.proposals // 2, size.height, size.width))
         image = torch.from_numpy(rng.standard_normal((1, 3, size.height, size.width)).astype(np.float32))
+        masks = torch.zeros(NUM_GT, size.height, size.width, dtype=torch.bool)
+        for mask, (x1, y1, x2, y2) in zip(masks, gt.round().long().tolist()):
+            mask[y1:y2, x1:x2] = True
         targets = {"boxes": gt, "labels": torch.from_numpy(rng.integers(1, NUM_CLASSES + 1, NUM_GT)),
-                   "iscrowd": torch.zeros(NUM_GT, dtype=torch.bool)}
+                   "iscrowd": torch.zeros(NUM_GT, dtype=torch.bool), "masks": masks}
         samples.append(TrainSample(image=image, proposals=torch.cat([near, rest]), targets=targets))
     return samples
 
@@ -126,18 +143,43 @@ def train_images_per_s(size: Size, device: torch.device, amp: str, warmup: int =
     return size.train_iterations * IMAGES_PER_BATCH / seconds
 
 
-def inference_images_per_s(size: Size, device: torch.device, amp: str, *, flip: bool, two_rounds: bool) -> float:
-    """images/s of predict_raw on images already at the model's input size."""
+def inference_model(size: Size, device: torch.device, amp: str) -> tuple[torch.nn.Module, np.ndarray, np.ndarray, int]:
+    """(model, image, proposals, candidates kept per pass): a random detector whose
+    class logits are scaled so that one pass keeps about `size.candidates` candidates
+    at SCORE_THRESH (module docstring)."""
     torch.manual_seed(0)
     model = build_detector(size.model, num_classes=NUM_CLASSES).to(device).eval()
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (size.height, size.width, 3), dtype=np.uint8)
     proposals = _random_boxes(rng, size.proposals, size.height, size.width)
+    classifier = model.heads.cls_score
+    weight, bias = classifier.weight.detach().clone(), classifier.bias.detach().clone()
+
+    def kept(log2_scale: float) -> int:
+        with torch.no_grad():  # sharper logits: more (ROI, class) pairs clear the threshold
+            classifier.weight.copy_(weight * 2.0 ** log2_scale)
+            classifier.bias.copy_(bias * 2.0 ** log2_scale)
+        raw = predict_raw(model, image, proposals, min_size=size.model.input.min_size,
+                          max_size=size.model.input.max_size, flip=False, two_rounds=False,
+                          score_thresh=SCORE_THRESH, amp=amp)
+        return len(raw["plain"]["scores"])
+
+    low, high = -4.0, 16.0
+    for _ in range(10):
+        middle = (low + high) / 2
+        low, high = (middle, high) if kept(middle) < size.candidates else (low, middle)
+    return model, image, proposals, kept(high)
+
+
+def inference_images_per_s(size: Size, device: torch.device, amp: str, *, flip: bool, two_rounds: bool,
+                           prepared: tuple | None = None) -> float:
+    """images/s of predict_raw on images already at the model's input size, at SCORE_THRESH."""
+    model, image, proposals, _ = prepared or inference_model(size, device, amp)
 
     def once() -> None:
         predict_raw(model, image, proposals, min_size=size.model.input.min_size,
-                    max_size=size.model.input.max_size, flip=flip, two_rounds=two_rounds, score_thresh=0.0,
-                    amp=amp)
+                    max_size=size.model.input.max_size, flip=flip, two_rounds=two_rounds,
+                    score_thresh=SCORE_THRESH, amp=amp)
 
     return size.inference_images / _timed(once, device, repeats=size.inference_images)
 
@@ -183,12 +225,16 @@ def roi_op_ms(size: Size, device: torch.device, op: str) -> float:
 def measure(size: Size, device: torch.device) -> list[tuple[str, float, str]]:
     """(measure, value, unit) rows, in the order of the module docstring."""
     amp = "bf16" if device.type == "cuda" else "off"
-    rows = [(f"training ({amp}, {IMAGES_PER_BATCH} images/update)", train_images_per_s(size, device, amp),
-             "images/s")]
-    rows.append((f"inference single pass ({amp})",
-                 inference_images_per_s(size, device, amp, flip=False, two_rounds=False), "images/s"))
-    rows.append((f"inference flip + 2 rounds ({amp})",
-                 inference_images_per_s(size, device, amp, flip=True, two_rounds=True), "images/s"))
+    rows = [(f"training ({amp}, {IMAGES_PER_BATCH} images/update, seg loss {SEG_LOSS_WEIGHT:g})",
+             train_images_per_s(size, device, amp), "images/s")]
+    prepared = inference_model(size, device, amp)
+    kept = f"score >= {SCORE_THRESH:g}: {prepared[3]} candidates/pass"
+    rows.append((f"inference single pass ({amp}, {kept})",
+                 inference_images_per_s(size, device, amp, flip=False, two_rounds=False, prepared=prepared),
+                 "images/s"))
+    rows.append((f"inference flip + 2 rounds ({amp}, {kept})",
+                 inference_images_per_s(size, device, amp, flip=True, two_rounds=True, prepared=prepared),
+                 "images/s"))
     for scan in ("closed_form", "loop"):
         rows.append((f"IRNN scan {scan} (fwd+bwd)", irnn_ms(size, device, scan), "ms"))
     for op in ("roi_pool", "roi_align"):

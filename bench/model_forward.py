@@ -18,10 +18,9 @@ import numpy as np
 import torch
 
 from bench.interleaved import interleaved_medians
-from ion.modeling.build import build_detector
-from ion.modeling.config import ModelConfig
-from ion.modeling.context import ContextConfig
 from ion.inference.predict import predict_raw
+from ion.modeling.build import build_detector
+from ion.modeling.config import ContextConfig, ModelConfig
 
 HEIGHT, WIDTH = 600, 1000
 NUM_CLASSES = 80

@@ -1,6 +1,6 @@
 """Proposal generation throughput: images/s of each proposal source as the
 proposals stage runs it (stages.proposals.compute_shard as Ray tasks through
-pipeline.cluster), with 1 and then 2 Ray workers, and the scaling ratio.
+pipeline.cluster.tasks), with 1 and then 2 Ray workers, and the scaling ratio.
 
     .venv/bin/python -m bench.proposal_generation [--images 64] [--images-per-task 4] [--rounds 2] [--repeats 1]
 
@@ -28,11 +28,11 @@ import torch
 
 from ion.data import synthetic
 from ion.data.config import SyntheticConfig
-from pipeline.cluster import init_ray, ray_map, shutdown_ray
+from pipeline.cluster.tasks import init_ray, ray_map, shutdown_ray
 from pipeline.config import PROJECT_ROOT, load_config
-from stages.contract import RuntimeConfig
 from proposals.rpn.model import build_rpn, save_rpn
 from proposals.store import Shard
+from stages.contract import RuntimeConfig
 from stages.proposals import GROUP_SOURCES, ShardTask, compute_shard
 
 GROUPS = ("rpn", "selective_search")

@@ -22,9 +22,9 @@ import time
 import numpy as np
 import torch
 
+from ion.engine.loop import TrainSample, train
 from ion.modeling.build import build_detector
 from ion.modeling.config import InputConfig, ModelConfig, RoiSamplingConfig
-from ion.engine.loop import TrainSample, train
 from stages.train_config import PhaseConfig
 
 NUM_CLASSES = 6

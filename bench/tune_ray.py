@@ -1,10 +1,10 @@
 """Tune-trial throughput as the tune stage runs it: `stages.tune.trial_ap` as Ray
-tasks through pipeline/cluster.py, with 1 and then 2 Ray workers, side by side.
+tasks through pipeline/cluster/tasks.py, with 1 and then 2 Ray workers, side by side.
 
     .venv/bin/python -m bench.tune_ray [--images 1000] [--trials 8]
 
 The raw candidates and ground truth come from bench/tune_trial.py's synthetic
-minival, written in the detect stage's format (stages/raw_detections.py), so
+minival, written in the detect stage's format (stages/helpers/raw_detections.py), so
 each worker loads them once, as in a real study. Rounds alternate 1 and 2
 workers and keep the best figure of each, so load from other processes on a
 shared machine skews both alike.
@@ -20,9 +20,9 @@ from pathlib import Path
 
 from bench.tune_trial import TRIALS, make_minival
 from ion.data.categories import CategoryMap
-from pipeline.cluster import init_ray, ray_map, shutdown_ray
+from pipeline.cluster.tasks import init_ray, ray_map, shutdown_ray
 from stages.contract import RuntimeConfig
-from stages.raw_detections import write_raw
+from stages.helpers.raw_detections import write_raw
 from stages.tune import trial_ap
 
 

@@ -109,10 +109,10 @@ def make_minival(*, num_images: int, seed: int) -> tuple[dict, dict[int, Detecti
     order = np.argsort(img, kind="stable")
     splits = np.cumsum(np.bincount(img, minlength=num_images))[:-1]
     raw = {}
-    for i, (b, s, l) in enumerate(zip(np.split(boxes[order].astype(np.float32), splits),
+    for i, (b, s, lab) in enumerate(zip(np.split(boxes[order].astype(np.float32), splits),
                                       np.split(scores[order].astype(np.float32), splits),
                                       np.split(labels[order].astype(np.int64), splits))):
-        raw[i + 1] = Detections(b, s, l)
+        raw[i + 1] = Detections(b, s, lab)
     return gt, raw
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from matplotlib.figure import Figure
+
 from ion.atomic import atomic_path
 
 

@@ -6,7 +6,7 @@ modules that exist are registered, so the graph grows as stages are written.
 
 A stage's key covers everything its output depends on: its name and VERSION,
 the canonical JSON of the config fields it READS, the fingerprint of the
-project source it runs (pipeline/fingerprint.py), the fingerprints of the
+project source it runs (pipeline/cache/fingerprint.py), the fingerprints of the
 external files those fields name, and its upstream keys. The material behind
 a key is kept in the output's manifest, so `status` can say what changed.
 """
@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from ion.errors import UserError
 from ion.schema import section_json
-from pipeline.fingerprint import code_fingerprint, code_modules, input_fingerprints
+from pipeline.cache.fingerprint import code_fingerprint, code_modules, input_fingerprints
 
 # The data flow: every stage consumes only stages listed before it.
 STAGE_NAMES = ("data", "proposals", "train", "detect", "tune", "evaluate")

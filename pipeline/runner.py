@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ion.errors import UserError
-from pipeline.cluster import Cluster
-from pipeline.graph import SHORT_KEY, Stage, cache_materials
-from pipeline.progress import emit, heartbeat
-from pipeline.run_context import RunContext
 from ion.schema import to_plain, to_yaml
-from pipeline.stopping import NO_SIGNALS, StopSignals
-from pipeline.store import MANIFEST, ArtifactStore
-from pipeline.tracking import FAILED, FINISHED, KILLED, TrackedRun, Tracker, ui_hint
+from pipeline.cache.store import MANIFEST, ArtifactStore
+from pipeline.cluster.tasks import Cluster
+from pipeline.execution.progress import emit, heartbeat
+from pipeline.execution.run_context import RunContext
+from pipeline.execution.stopping import NO_SIGNALS, StopSignals
+from pipeline.graph import SHORT_KEY, Stage, cache_materials
+from pipeline.tracking.client import FAILED, FINISHED, KILLED, TrackedRun, Tracker, ui_hint
 from stages.contract import StageResult
 
 PLOTS_DIR = "plots"
@@ -117,7 +117,7 @@ def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], 
 
     `command` is how the user invoked the run, without --stages: error messages
     suggest `<command> --stages ...`. `stops`: the CLI's SIGTERM/SIGINT handling
-    (pipeline/stopping.py), handed to the stages through their context.
+    (pipeline/execution/stopping.py), handed to the stages through their context.
     """
     workdir = Path(cfg.runtime.workdir)
     store = ArtifactStore(workdir)

@@ -4,7 +4,7 @@ which recall figures are reported.
 
 Field conventions (docs/CONTRACTS.md): frozen dataclasses, every field has a
 default and a one-line `help`; `min`/`max` are inclusive bounds checked by the
-loader in pipeline/config.py; `__post_init__` raises ValueError for
+loader in pipeline/config/__init__.py; `__post_init__` raises ValueError for
 cross-field rules.
 
 The defaults are the embedded default (synthetic data, CPU, no MCG files):

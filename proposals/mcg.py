@@ -29,8 +29,8 @@ import scipy.io
 import torch
 from scipy.io.matlab import MatReadError
 
-from ion.ops.box_ops import clip_boxes_xyxy, remove_small
 from ion.errors import UserError
+from ion.ops.box_ops import clip_boxes_xyxy, remove_small
 from proposals.mix import first_unique, top_k_by_score
 
 # (boxes field, scores field) pairs, in the order they are looked for.

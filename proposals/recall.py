@@ -28,9 +28,9 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from ion.ops.box_ops import box_iou, box_xywh_to_xyxy
 from ion.errors import UserError
 from ion.figures import save_png
+from ion.ops.box_ops import box_iou, box_xywh_to_xyxy
 from proposals.store import ProposalStore
 
 IOU_THRESHOLDS = np.round(np.linspace(0.5, 0.95, 10), 2)  # 0.5, 0.55, ..., 0.95 exactly as written

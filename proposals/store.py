@@ -27,8 +27,8 @@ from typing import Iterable, Iterator, Literal, Optional, Sequence, Union
 import h5py
 import numpy as np
 
-from ion.errors import UserError
 from ion.atomic import atomic_path
+from ion.errors import UserError
 
 FORMAT = "ion-proposals"
 FORMAT_VERSION = 1

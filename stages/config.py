@@ -1,17 +1,16 @@
-"""Config sections of the stages after proposals: train, detect, tune, evaluate.
+"""Config sections of the stages after training: detect, tune, evaluate (the
+train section is in stages/train_config.py).
 
 Field conventions (docs/CONTRACTS.md): frozen dataclasses, every field has a
 default and a one-line `help`; `min`/`max` are inclusive bounds checked by the
-loader in pipeline/config.py.
+loader in pipeline/config/__init__.py.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from stages.train_config import PhaseConfig, TrainConfig
-
-__all__ = ["DetectConfig", "EvaluateConfig", "PhaseConfig", "TrainConfig", "TuneConfig"]
+__all__ = ["DetectConfig", "EvaluateConfig", "TuneConfig"]
 
 
 @dataclass(frozen=True)

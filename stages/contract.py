@@ -1,6 +1,6 @@
 """The stage contract: what a stage receives and returns, and what it may ask
 of the orchestrator. The stages import only this from the orchestration side;
-pipeline/ implements it (pipeline/run_context.py) and knows the stages, so the
+pipeline/ implements it (pipeline/execution/run_context.py) and knows the stages, so the
 import arrow runs one way.
 
     def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResult
@@ -119,7 +119,7 @@ class StageContext(Protocol):
 
     def progress(self, iterable: Iterable[T], desc: str, total: int | None = None,
                  unit: str = "items") -> Iterable[T]:
-        """`iterable` with progress lines: done/total, `unit`/s, ETA (pipeline/progress.py)."""
+        """`iterable` with progress lines: done/total, `unit`/s, ETA (pipeline/execution/progress.py)."""
 
     def log_model(self, artifacts: dict[str, Path]) -> None:
         """Log the trained detector, made of these files (name -> path: model.json, final.pt,
@@ -146,5 +146,5 @@ class StageContext(Protocol):
         the session's log_metrics reaches this stage's MLflow run while it trains. A
         SIGTERM/SIGINT to the driver (the first) makes the workers stop after
         their current update with a checkpoint of it: the outcome's
-        `interrupted` says so (stages/worker_resume.py keeps it and raises)."""
+        `interrupted` says so (stages/helpers/worker_resume.py keeps it and raises)."""
 

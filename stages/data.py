@@ -22,16 +22,17 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ion.atomic import write_bytes_atomic
 from ion.data import synthetic
 from ion.data.categories import CategoryMap
-from ion.data.coco import SPLITS, CocoSplit, ValidationReport, build_coco_splits, subset
+from ion.data.coco import ValidationReport
+from ion.data.coco_splits import SPLITS, CocoSplit, build_coco_splits, subset
 from ion.data.config import CocoConfig, SyntheticConfig, VocConfig
-from ion.data.voc import load_voc_split
-from ion.errors import UserError
 from ion.data.images import load_image
 from ion.data.split import INDEX_FILE
+from ion.data.voc import load_voc_split
+from ion.errors import UserError
 from stages.contract import StageContext, StageResult
-from ion.atomic import write_bytes_atomic
 
 NAME = "data"
 VERSION = "1"
@@ -227,11 +228,11 @@ def _write_preview(path: Path, images: list[tuple[Image.Image, list[dict]]], cat
     """A grid of images with their boxes and class names (crowd regions in magenta)."""
     rows = max(1, -(-len(images) // PREVIEW_COLUMNS))
     grid = Image.new("RGB", (PREVIEW_COLUMNS * PREVIEW_TILE, rows * PREVIEW_TILE), (32, 32, 32))
-    for k, (image, annotations) in enumerate(images):
+    for k, (image, anns) in enumerate(images):
         scale = PREVIEW_TILE / max(image.size)
         tile = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
         draw = ImageDraw.Draw(tile)
-        for ann in annotations:
+        for ann in anns:
             x, y, w, h = (v * scale for v in ann["bbox"])
             colour = CROWD_COLOUR if ann.get("iscrowd") else BOX_COLOUR
             draw.rectangle((x, y, x + max(w - 1, 0), y + max(h - 1, 0)), outline=colour)

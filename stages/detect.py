@@ -4,13 +4,14 @@ use (score >= detect.score_thresh), so tune and evaluate never run the network.
 
     <out>/parts/<set>_<split>/       finished shards of images (a killed run resumes; deleted
                                      once the split's stores below are written)
-    <out>/raw_<split>_plain.h5       candidates of the unflipped image (stages/raw_detections.py)
+    <out>/raw_<split>_plain.h5       candidates of the unflipped image (stages/helpers/raw_detections.py)
     <out>/raw_<split>_round1.h5      the unflipped round-1 candidates alone (evaluate's baseline:
                                      one round of box regression, Appendix item 5)
     <out>/raw_<split>_flip.h5        flip-merged candidates (detect.flip)
 
 Images go to Ray tasks in shards of `detect.images_per_task`; each task loads
-the detector once per worker process (on a GPU when the cluster has one).
+the detector once per worker process (on a GPU when the cluster has one and
+runtime.device allows it: one worker per GPU, pipeline/cluster/tasks.py).
 """
 from __future__ import annotations
 
@@ -23,11 +24,11 @@ import torch
 from ion.data.images import load_image
 from ion.data.split import DetectionSplit
 from ion.inference.predict import predict_raw
-from stages.contract import StageContext, StageResult
 from proposals.store import ProposalStore, Shard, ShardedWriter, remove_parts, write_shard
-from stages.raw_detections import ROUND1, as_item, round_one, write_raw
+from stages.contract import StageContext, StageResult
+from stages.helpers.raw_detections import ROUND1, as_item, round_one, write_raw
+from stages.helpers.worker_cache import cached, worker_device
 from stages.train import load_trained_detector
-from stages.worker_cache import cached
 
 NAME = "detect"
 VERSION = "2"
@@ -103,13 +104,12 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
 
 def _detector(train_dir: str):
     """The trained detector and its ModelConfig, loaded once per worker process."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return cached("detector", train_dir, lambda: load_trained_detector(Path(train_dir), device=device))
+    return cached("detector", train_dir, lambda: load_trained_detector(Path(train_dir), device=worker_device()))
 
 
 def detect_shard(task: DetectTask) -> int:
     """A Ray task: raw candidates of one shard, saved per candidate set; returns the image count."""
-    if not torch.cuda.is_available():
+    if worker_device().type == "cpu":
         torch.set_num_threads(1)  # one task per core: Ray's tasks are the parallelism
     model, model_cfg = _detector(task.train_dir)
     amp = task.amp if next(model.parameters()).device.type == "cuda" else "off"

@@ -29,16 +29,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from ion.atomic import write_json_atomic
 from ion.data.split import DetectionSplit
 from ion.evaluation.coco_eval import coco_eval
-from ion.evaluation.voc_ap import VocMetrics, voc_eval
-from ion.figures import save_png
 from ion.evaluation.metrics import IOU_THRESHOLDS, MAX_DETS, CocoMetrics
 from ion.evaluation.results import to_coco_results, validate_results, write_results, write_submission_zip
+from ion.evaluation.voc_ap import VocMetrics, voc_eval
+from ion.figures import save_png
 from ion.inference.tuning import apply_thresholds
 from stages.contract import StageContext, StageResult
-from stages.raw_detections import ROUND1, iter_raw
-from ion.atomic import write_json_atomic
+from stages.helpers.raw_detections import ROUND1, iter_raw
 
 NAME = "evaluate"
 VERSION = "1"

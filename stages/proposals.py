@@ -2,7 +2,7 @@
 for every split, mix them, and report recall (Appendix item 2).
 
     <out>/rpn.pt                          RPN1 + RPN2 heads on one backbone (proposals/rpn/)
-    <out>/rpn_checkpoints/                RPN training checkpoints: a rerun resumes (stages/rpn_training.py)
+    <out>/rpn_checkpoints/                RPN training checkpoints: a rerun resumes (stages/helpers/rpn_training.py)
     <out>/parts/<source>_<split>/         finished shards of per-image work (resume; deleted
                                           once the group's stores for the split are written)
     <out>/sources/<source>_<split>.h5     one proposal store per source and split
@@ -24,20 +24,20 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ion.atomic import write_json_atomic
 from ion.data.images import load_image
 from ion.data.split import INDEX_FILE, DetectionSplit
-from stages.contract import StageContext, StageResult
 from proposals.mcg import load_mcg_proposals, locate_mcg_files
 from proposals.mix import mix_stores
 from proposals.recall import curve_counts, load_ground_truth, plot_recall, store_recall
+from proposals.rpn.config import RpnConfig
 from proposals.rpn.generate import generate_proposals_all
 from proposals.rpn.model import VARIANTS, load_rpn
-from proposals.rpn.config import RpnConfig
 from proposals.selective_search import selective_search_isolated
 from proposals.store import ProposalStore, Shard, ShardedWriter, remove_parts, write_shard, write_store
-from stages.rpn_training import train_rpn_stage
-from stages.worker_cache import cached
-from ion.atomic import write_json_atomic
+from stages.contract import StageContext, StageResult
+from stages.helpers.rpn_training import train_rpn_stage
+from stages.helpers.worker_cache import cached, worker_device
 
 NAME = "proposals"
 VERSION = "1"
@@ -174,15 +174,14 @@ def _task_settings(group: str, settings: dict, shard: Shard) -> dict:
 def _rpn_model(weights: str, rcfg: RpnConfig) -> torch.nn.Module:
     """The RPN, loaded once per worker process (a task per shard would reload it);
     the file's mtime is in the key, so retrained weights are reloaded."""
-    def load() -> torch.nn.Module:
-        model = load_rpn(Path(weights), rcfg)
-        return model.cuda() if torch.cuda.is_available() else model
-    return cached("rpn", (weights, os.path.getmtime(weights)), load)
+    return cached("rpn", (weights, os.path.getmtime(weights)),
+                  lambda: load_rpn(Path(weights), rcfg).to(worker_device()))
 
 
 def compute_shard(task: ShardTask) -> int:
     """A Ray task: compute and save one shard of one source group; returns the image count."""
-    torch.set_num_threads(1)  # one task per core: Ray's tasks are the parallelism
+    if worker_device().type == "cpu":
+        torch.set_num_threads(1)  # one task per core: Ray's tasks are the parallelism
     per_source: dict[str, list] = {s: [] for s in task.parts_dirs}
     settings = task.settings
     for image_id, path, width, height in task.images:

@@ -10,7 +10,7 @@
 
 One process (gradient accumulation over the minibatch's images) when
 runtime.train_workers is 1 and there is no GPU; otherwise Ray Train
-(pipeline/train_adapter.py) with runtime.train_workers workers, one GPU each
+(pipeline/cluster/train.py) with runtime.train_workers workers, one GPU each
 when the cluster has GPUs. A rerun with the same cache key resumes from the
 last checkpoint (out/checkpoints/last.pt, or Ray Train's latest) and ends
 exactly where an uninterrupted run would (bitwise on the CPU).
@@ -24,19 +24,19 @@ from typing import Callable, Optional
 
 import torch
 
-from ion.modeling.build import build_detector
-from ion.modeling.config import ModelConfig
-from ion.data.split import DetectionSplit
 from ion.atomic import write_json_atomic
-from ion.errors import UserError
-from ion.figures import save_png
-from ion.schema import Origin, build
+from ion.data.split import DetectionSplit
 from ion.data.train_samples import TrainingSamples
 from ion.engine.checkpoint import CheckpointFiles, load_checkpoint, write_checkpoint
 from ion.engine.loop import NonFiniteLossError, TrainResult, train
-from stages.contract import StageContext, StageResult, TrainerSetup
-from stages.worker_resume import keep_checkpoints, worker_start
+from ion.errors import UserError
+from ion.figures import save_png
+from ion.modeling.build import build_detector
+from ion.modeling.config import ModelConfig
+from ion.schema import Origin, build
 from proposals.store import ProposalStore
+from stages.contract import StageContext, StageResult, TrainerSetup
+from stages.helpers.worker_resume import keep_checkpoints, worker_start
 
 NAME = "train"
 VERSION = "1"
@@ -142,7 +142,8 @@ def train_detector(cfg, *, data_dir: Path, proposal_files: list[Path], resume: O
                                   flip=tcfg.flip, with_masks=mcfg.seg_loss_weight > 0)
         return train(model=model, phases=tcfg.phases, num_images=len(samples), get_sample=samples, seed=cfg.seed,
                      save_checkpoint=save_checkpoint, log_metrics=log_metrics, on_iteration=on_iteration,
-                     should_stop=should_stop, resume=resume, images_per_batch=tcfg.images_per_batch, clip_grad_norm=tcfg.clip_grad_norm,
+                     should_stop=should_stop, resume=resume, images_per_batch=tcfg.images_per_batch,
+                     clip_grad_norm=tcfg.clip_grad_norm,
                      momentum_semantics=tcfg.momentum_semantics, checkpoint_every=tcfg.checkpoint_every,
                      log_every=tcfg.log_every, amp=tcfg.amp, device=device, loader_threads=tcfg.loader_threads,
                      rank=rank, world_size=world_size)
@@ -160,7 +161,7 @@ def non_finite_message(detail: str) -> str:
 
 
 def train_worker(session, *, cfg, data_dir: str, proposal_files: list[str], fallback_resume: str) -> dict:
-    """A Ray Train worker (pipeline/train_adapter.py runs it on every worker).
+    """A Ray Train worker (pipeline/cluster/train.py runs it on every worker).
     Rank 0 logs the losses to the stage's MLflow run as it trains, and reports
     its progress for the driver to print.
 

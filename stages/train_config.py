@@ -2,7 +2,7 @@
 
 Field conventions (docs/CONTRACTS.md): frozen dataclasses, every field has a
 default and a one-line `help`; `min`/`max` are inclusive bounds checked by the
-loader in pipeline/config.py; `__post_init__` raises ValueError for the rules
+loader in pipeline/config/__init__.py; `__post_init__` raises ValueError for the rules
 that bounds cannot say.
 
 The number of data-parallel workers is `runtime.train_workers` (not part of

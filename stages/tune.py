@@ -28,15 +28,15 @@ import optuna
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ion.atomic import write_bytes_atomic, write_json_atomic
 from ion.data.split import DetectionSplit
 from ion.errors import UserError
 from ion.evaluation.evaluator import Evaluator
 from ion.figures import save_png
 from ion.inference.tuning import Thresholds, objective
 from stages.contract import StageContext, StageResult
-from stages.raw_detections import ROUND1, read_raw, require_raw
-from stages.worker_cache import cached
-from ion.atomic import write_bytes_atomic, write_json_atomic
+from stages.helpers.raw_detections import ROUND1, read_raw, require_raw
+from stages.helpers.worker_cache import cached
 
 NAME = "tune"
 VERSION = "2"

@@ -27,8 +27,8 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """configs/smoke.yaml's whole pipeline, run once per session in-process
-    (tests/stages/conftest.py); tests read it or copy its artifacts."""
-    from tests.stages.conftest import run_smoke
+    (tests/helpers.py); tests read it or copy its artifacts."""
+    from tests.helpers import run_smoke
 
     yield from run_smoke(tmp_path_factory)
 
@@ -36,8 +36,9 @@ def smoke_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mlflow_db_template(tmp_path_factory) -> Path:
     """An empty MLflow sqlite store with its tables created once (migrations take seconds)."""
-    import pipeline.tracking  # noqa: F401 (first: it sets MLflow's quiet defaults)
     from mlflow import MlflowClient
+
+    import pipeline.tracking  # noqa: F401 (first: it sets MLflow's quiet defaults)
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
     MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()

@@ -17,11 +17,11 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 
-from ion.ops.box_ops import box_xywh_to_xyxy
 from ion.data.categories import CONTEXT_IDS_KEY, CategoryMap
 from ion.data.coco import segmentation_to_rle
 from ion.data.images import load_image
 from ion.errors import UserError
+from ion.ops.box_ops import box_xywh_to_xyxy
 
 __all__ = ["DetectionSplit", "ImageRecord", "instance_masks", "load_image", "INDEX_FILE", "CONTEXT_IDS_KEY"]
 

@@ -41,10 +41,27 @@ from PIL import Image
 
 from ion.data.categories import CONTEXT_IDS_KEY
 from ion.data.synthetic_drawing import render_scene
-from ion.data.synthetic_layout import (ANNOTATIONS_PER_IMAGE_LIMIT, BALL, CAR, CATEGORIES, CONTEXT_CATEGORY_IDS,
-                                      CONTEXT_CATEGORY_OF_SCENE, HOUSE, KITE, LAYOUT_STREAM, MIN_VISIBLE_PIXELS,
-                                      SCENE_KEY, SCENE_STREAM, SCENES, SPLIT_CODES, TREE, GeneratedImage,
-                                      SceneLayout, SceneObject, sample_layout)
+from ion.data.synthetic_layout import (
+    ANNOTATIONS_PER_IMAGE_LIMIT,
+    BALL,
+    CAR,
+    CATEGORIES,
+    CONTEXT_CATEGORY_IDS,
+    CONTEXT_CATEGORY_OF_SCENE,
+    HOUSE,
+    KITE,
+    LAYOUT_STREAM,
+    MIN_VISIBLE_PIXELS,
+    SCENE_KEY,
+    SCENE_STREAM,
+    SCENES,
+    SPLIT_CODES,
+    TREE,
+    GeneratedImage,
+    SceneLayout,
+    SceneObject,
+    sample_layout,
+)
 
 # ------------------------------------------------------------------ annotations
 

@@ -2,14 +2,30 @@
 the objects, and a per-pixel label map for the segmentation masks."""
 from __future__ import annotations
 
-
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ion.data.synthetic_layout import (BAND_COLOUR, CLOUD_COLOUR, CRATE_EDGE, CRATE_FILL, DARK, KERB_COLOUR,
-                                      KERB_HEIGHT, MOON_COLOUR, PIXEL_NOISE, SKY_COLOURS, SKY_HORIZON_TINT,
-                                      STAR_COLOUR, SUN_COLOUR, WINDOW_COLOUR, Box, Colour, Region, SceneLayout,
-                                      SceneObject)
+from ion.data.synthetic_layout import (
+    BAND_COLOUR,
+    CLOUD_COLOUR,
+    CRATE_EDGE,
+    CRATE_FILL,
+    DARK,
+    KERB_COLOUR,
+    KERB_HEIGHT,
+    MOON_COLOUR,
+    PIXEL_NOISE,
+    SKY_COLOURS,
+    SKY_HORIZON_TINT,
+    STAR_COLOUR,
+    SUN_COLOUR,
+    WINDOW_COLOUR,
+    Box,
+    Colour,
+    Region,
+    SceneLayout,
+    SceneObject,
+)
 
 # ------------------------------------------------------------------ drawing
 

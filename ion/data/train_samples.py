@@ -23,8 +23,8 @@ import torch
 
 from ion.data.categories import CategoryMap
 from ion.data.split import ImageRecord, instance_masks
-from ion.engine.loop import TrainSample
 from ion.data.transforms import prepare
+from ion.engine.loop import TrainSample
 
 
 class ProposalSource(Protocol):

@@ -6,9 +6,9 @@
 
 A VOC root holds `Annotations/<name>.xml`, `ImageSets/Main/<set>.txt` (one
 image name per line) and `JPEGImages/<name>.jpg`. The result is a
-`ion.data.coco.CocoSplit`, the form the data stage writes for COCO, so VOC can
+`ion.data.coco_splits.CocoSplit`, the form the data stage writes for COCO, so VOC can
 stand beside COCO as a source: file names are relative to the common parent of
-the roots' JPEGImages folders, as `ion.data.coco.merge` does for COCO.
+the roots' JPEGImages folders, as `ion.data.coco_splits.merge` does for COCO.
 
 Boxes. VOC pixel coordinates are 1-based and inclusive: a box covers pixels
 xmin..xmax. The project's boxes are continuous (0 at the left edge of the first
@@ -49,7 +49,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Iterable
 
-from ion.data.coco import CocoSplit
+from ion.data.coco_splits import CocoSplit
 from ion.data.images import stored_and_oriented_size
 from ion.errors import UserError
 

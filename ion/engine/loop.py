@@ -42,11 +42,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ion.engine.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointEvent,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+)
 from ion.engine.grad_sync import OverlappedAllReduce
-from ion.engine.checkpoint import CHECKPOINT_FORMAT, CheckpointEvent, capture_rng_state, load_checkpoint, restore_rng_state
 from ion.engine.optim import build_optimizer, set_dropout, set_frozen, set_hyperparameters
-from ion.engine.schedule import (ImageOrder, PhaseSpec, model_seed, phase_lr, sample_rng, seed_model_rng,
-                                 step_positions)
+from ion.engine.schedule import ImageOrder, PhaseSpec, model_seed, phase_lr, sample_rng, seed_model_rng, step_positions
 from ion.errors import Interrupted, UserError
 
 AUTOCAST_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -37,12 +37,12 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from ion.ops.box_ops import box_xyxy_to_xywh
 from ion.data.categories import CategoryMap
 from ion.errors import UserError
 from ion.evaluation.ground_truth import GroundTruth, load_coco_dataset
 from ion.evaluation.metrics import AREA_RANGES, IOU_THRESHOLDS, MAX_DETS, RECALL_THRESHOLDS, CocoMetrics
 from ion.inference.postprocess import Detections
+from ion.ops.box_ops import box_xyxy_to_xywh
 
 # pycocotools matches at min(t, 1 - 1e-10) so that IoU 1.0 boxes match at t = 1.
 _MATCH_THRESHOLDS = np.minimum(IOU_THRESHOLDS, 1 - 1e-10)  # (T,)

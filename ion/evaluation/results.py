@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ion.atomic import atomic_path, write_text_atomic
 from ion.data.categories import CategoryMap
 from ion.errors import UserError
 from ion.evaluation.evaluator import flatten_detections
 from ion.evaluation.ground_truth import GroundTruth, load_coco_dataset
 from ion.inference.postprocess import Detections
-from ion.atomic import atomic_path, write_text_atomic
 
 # 0.01 px is far below annotation accuracy; 6 decimals tie only scores closer
 # than 1e-6. Rounding makes the test-dev file (about 2M detections) ~40%

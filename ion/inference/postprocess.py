@@ -18,7 +18,6 @@ from typing import NamedTuple, Union
 
 import numpy as np
 import torch
-import torchvision
 from torch import Tensor
 
 ArrayLike = Union[np.ndarray, Tensor]

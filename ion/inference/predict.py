@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ion.engine.loop import AUTOCAST_DTYPES
-from ion.ops.box_ops import clip_boxes_xyxy, decode_boxes, flip_boxes_xyxy, flip_deltas
-from ion.modeling.detector import FeatureMaps, IONDetector
 from ion.data.transforms import normalize_image, resize_image, resize_scale
+from ion.engine.loop import AUTOCAST_DTYPES
+from ion.modeling.detector import FeatureMaps, IONDetector
+from ion.ops.box_ops import clip_boxes_xyxy, decode_boxes, flip_boxes_xyxy, flip_deltas
 
 SCORE_THRESH = 0.05  # Sec. 4.1 / Fast R-CNN: candidates below this are never detections
 ROI_CHUNK = 1000  # ROIs per skip-pool/fc pass: bounds memory at 4000 proposals on VGG16

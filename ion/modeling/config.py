@@ -9,10 +9,69 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from ion.modeling.backbone import BLOCK_CHANNELS, scaled_channels
-from ion.modeling.context import ContextConfig
 
 # Layers skip pooling can read (Sec. 3.1, Table 4; conv7: Appendix item 3).
 POOLABLE = ("conv2", "conv3", "conv4", "conv5", "conv7", "context")
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    kind: Literal["none", "conv3", "conv5", "global", "irnn"] = field(
+        default="irnn",
+        metadata={"help": "context module on conv5 (Table 7): none, 2x 3x3 conv, 2x 5x5 conv, "
+                          "global average tiled back, or 2x stacked 4-direction IRNN"})
+    hidden: int = field(
+        default=512, metadata={"help": "IRNN hidden units per direction (Table 9 explores 128..1024)", "min": 1})
+    recurrent: Literal["learned", "identity"] = field(
+        default="learned",
+        metadata={"help": "IRNN recurrent matrix: learned from the identity, or removed (Whh = I, Table 9)"})
+    first_step_bias: bool = field(
+        default=False, metadata={"help": "a separate bias for each IRNN direction's first step (Sec. 3.2 item 3)"})
+    layers: int = field(
+        default=2,
+        metadata={"help": "stacked IRNN layers (Table 8: 1, 2 or 3; the paper's choice is 2)", "min": 1, "max": 3})
+    input_to_hidden: Literal["shared", "per_direction"] = field(
+        default="shared",
+        metadata={"help": "IRNN input-to-hidden 1x1 conv: one shared by the four directions (Sec. 3.2), or "
+                          "one per direction (unshared; sharing cost 0.1 mAP in the paper)"})
+    variant: Literal["standard", "lr_then_ud"] = field(
+        default="standard",
+        metadata={"help": "IRNN directions: all four in both layers, or left-right then up-down (Table 10a)"})
+    pool_from_both: bool = field(
+        default=False,
+        metadata={"help": "pool from both stacked layers, not only the top one (Table 10b); "
+                          "kinds conv3, conv5, irnn (ignored by none and global)"})
+    dropout: float = field(
+        default=0.0,
+        metadata={"help": "dropout after each stacked layer (Sec. 3.2 item 2 used 0.25; 0 disables)",
+                  "min": 0.0, "max": 1.0})
+    channels: Optional[int] = field(
+        default=None,
+        metadata={"help": "output channels of the conv3/conv5 kinds (default: the paper's 512 / 256)",
+                  "min": 1})
+    state_norm: Literal["none", "steps"] = field(
+        default="none",
+        metadata={"help": "IRNN read-out: the hidden states as they are (the paper), or divided by the "
+                          "number of cells each direction has scanned (running means)"})
+    input_init: Literal["random", "identity"] = field(
+        default="random",
+        metadata={"help": "the first IRNN layer's input-to-hidden 1x1 conv: random (the paper), or the "
+                          "identity (needs hidden = conv5's channels), so each direction starts as a "
+                          "plain accumulator of conv5"})
+    pool_directions: Literal["concat", "separate"] = field(
+        default="concat",
+        metadata={"help": "with pool_from_both, the first IRNN layer's directions are pooled as one map "
+                          "(concat), or one map per direction, each L2-normalised on its own"})
+
+    def __post_init__(self):
+        # Settings of other kinds are ignored, not errors: `-o model.context.kind=global`
+        # on an IRNN config means just that.
+        if self.kind == "irnn" and self.pool_directions == "separate" and not self.pool_from_both:
+            raise ValueError("pool_directions separate pools the first IRNN layer, which needs "
+                             "pool_from_both: true")
+        if self.kind == "irnn" and self.variant == "lr_then_ud" and self.layers != 2:
+            raise ValueError(f"variant lr_then_ud is one left-right and one up-down layer, so it needs "
+                             f"layers: 2 (got {self.layers}); set layers 2 or variant standard")
 
 
 @dataclass(frozen=True)
@@ -108,7 +167,7 @@ class ModelConfig:
 
     # Context (Sec. 3.2) and the segmentation regulariser (Sec. 5.3).
     context: ContextConfig = field(default_factory=ContextConfig, metadata={
-        "help": "context module on conv5 (ion/modeling/context.py)"})
+        "help": "context module on conv5 (built by ion/modeling/context.py)"})
     seg_loss_weight: float = field(default=0.0, metadata={
         "help": "weight of the segmentation loss on the top context map (paper: 1); 0 turns the head off",
         "min": 0.0})

@@ -85,7 +85,13 @@ class IONDetector(nn.Module):
     def score_rois(self, maps: FeatureMaps, rois: Tensor) -> tuple[Tensor, Tensor]:
         """Class logits Tensor[R, K+1] and box deltas Tensor[R, K, 4] for Tensor[R, 4]."""
         first = maps.pooled[0]
-        x = self.skip_pool(maps.pooled, rois.to(device=first.device, dtype=first.dtype))  # (R, C, 7, 7)
+        # The ROIs stay at least float32 whatever the maps' dtype: in bfloat16 (8
+        # significant bits) a coordinate near 1000 px moves by up to 2 px (998.6 ->
+        # 1000), so the pooled region would no longer be the box the targets and
+        # the decoded detections refer to. Pooling reads half-precision maps in
+        # float32 (ion/modeling/skip_pool.py).
+        dtype = torch.promote_types(first.dtype, torch.float32)
+        x = self.skip_pool(maps.pooled, rois.to(device=first.device, dtype=dtype))  # (R, C, 7, 7)
         return self.heads(x)
 
     def forward(self, image: Tensor, proposals: Tensor, targets: dict[str, Tensor] | None = None, *,

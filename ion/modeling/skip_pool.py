@@ -52,9 +52,14 @@ def roi_pool_map(feat: Tensor, boxes: Tensor, *, op: RoiOp, output_size: int, st
     -> Tensor[R, C, output_size, output_size]
     """
     scale = 1.0 / stride
-    if feat.device.type == "cpu" and feat.dtype in (torch.float16, torch.bfloat16):
-        # torchvision's CPU kernels have no half-precision versions: pool in float32 under CPU autocast.
-        feat, boxes = feat.float(), boxes.float()
+    if feat.dtype in (torch.float16, torch.bfloat16):
+        # Half-precision maps are pooled in float32 on every device, with float32
+        # ROIs (a bfloat16 coordinate near 1000 px is off by up to 2 px): torchvision's
+        # CPU kernels have no half-precision versions, and its CUDA autocast wrappers
+        # pool in float32 too, so CPU and GPU round alike.
+        feat = feat.float()
+    if boxes.dtype in (torch.float16, torch.bfloat16):
+        boxes = boxes.float()
     if op == "roi_pool":
         return torchvision.ops.roi_pool(feat, [boxes], output_size=output_size, spatial_scale=scale)
     assert op == "roi_align", op

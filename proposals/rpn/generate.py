@@ -9,8 +9,15 @@ from torch import Tensor
 from ion.engine.loop import AUTOCAST_DTYPES
 from ion.ops.box_ops import clip_boxes_xyxy, decode_boxes, remove_small
 from proposals.rpn.config import RpnConfig
-from proposals.rpn.model import (RPN_BOX_WEIGHTS, VARIANTS, RegionProposalNetwork, Variant, flatten_head_outputs,
-                                 image_anchors, prepare_image)
+from proposals.rpn.model import (
+    RPN_BOX_WEIGHTS,
+    VARIANTS,
+    RegionProposalNetwork,
+    Variant,
+    flatten_head_outputs,
+    image_anchors,
+    prepare_image,
+)
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ import json
 import shutil
 
 from tests.faults.conftest import assert_ok, assert_one_error_line, run, stage_results
-from tests.ion.test_data_coco import png_header
+from tests.helpers import png_header
 
 
 def test_non_finite_loss_is_one_line_with_where_and_what_to_change(shared_run, tmp_path):

@@ -36,9 +36,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.faults.conftest import RUN_TIMEOUT_S, assert_ok, pipeline_env
-from tests.stages.conftest import copy_artifact
 from pipeline.config import PROJECT_ROOT
+from tests.faults.conftest import RUN_TIMEOUT_S, assert_ok, pipeline_env
+from tests.helpers import copy_artifact
 
 PHASES = (14, 10)  # iterations: room for every fault before training ends
 TOTAL = sum(PHASES)

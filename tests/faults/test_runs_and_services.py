@@ -8,10 +8,9 @@ import sqlite3
 import time
 from pathlib import Path
 
-from pipeline.pending import PENDING_FILE
-from pipeline.tracking import Tracker
-from tests.faults.conftest import (assert_ok, assert_one_error_line, pipeline_env, run, stage_results,
-                                   start)
+from pipeline.tracking.client import Tracker
+from pipeline.tracking.pending import PENDING_FILE
+from tests.faults.conftest import assert_ok, assert_one_error_line, pipeline_env, run, stage_results, start
 
 STAGES = ("data", "proposals", "train", "detect", "tune", "evaluate")
 

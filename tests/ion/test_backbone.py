@@ -2,8 +2,8 @@ import pytest
 import torch
 import torchvision
 
-from ion.modeling.backbone import VGG16Backbone, load_vgg16_imagenet
 from ion.errors import UserError
+from ion.modeling.backbone import VGG16Backbone, load_vgg16_imagenet
 from ion.modeling.heads import DetectionHeads, load_vgg16_fc67
 
 
@@ -165,8 +165,7 @@ def test_unknown_group_is_rejected():
 
 def test_build_detector_loads_imagenet_weights(vgg16_file):
     from ion.modeling.build import build_detector
-    from ion.modeling.config import ModelConfig
-    from ion.modeling.context import ContextConfig
+    from ion.modeling.config import ContextConfig, ModelConfig
 
     path, state = vgg16_file
     cfg = ModelConfig(imagenet_weights=str(path), context=ContextConfig(kind="none"), pool_from=("conv4", "conv5"))

@@ -2,8 +2,18 @@ import math
 
 import torch
 
-from ion.ops.box_ops import (box_ioa, box_iou, box_xywh_to_xyxy, box_xyxy_to_xywh, clip_boxes_xyxy, decode_boxes,
-                         encode_boxes, flip_boxes_xyxy, flip_deltas, remove_small)
+from ion.ops.box_ops import (
+    box_ioa,
+    box_iou,
+    box_xywh_to_xyxy,
+    box_xyxy_to_xywh,
+    clip_boxes_xyxy,
+    decode_boxes,
+    encode_boxes,
+    flip_boxes_xyxy,
+    flip_deltas,
+    remove_small,
+)
 
 WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 

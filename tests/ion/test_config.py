@@ -1,7 +1,6 @@
 import pytest
 
-from ion.modeling.config import InputConfig, ModelConfig, RoiSamplingConfig
-from ion.modeling.context import ContextConfig
+from ion.modeling.config import ContextConfig, InputConfig, ModelConfig, RoiSamplingConfig
 
 
 def test_defaults_are_the_papers_model():

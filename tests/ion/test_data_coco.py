@@ -1,8 +1,6 @@
 """COCO reading and validation, the paper's splits, image decoding and the category map."""
 import copy
 import json
-import struct
-import zlib
 
 import numpy as np
 import pycocotools.mask as mask_utils
@@ -11,10 +9,12 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from ion.data.categories import CategoryMap
-from ion.data.coco import (ValidationReport, build_coco_splits, minival_image_ids, read_coco, read_id_list)
+from ion.data.coco import ValidationReport, read_coco
+from ion.data.coco_splits import build_coco_splits, minival_image_ids, read_id_list
 from ion.data.images import load_image
 from ion.data.split import ImageRecord, instance_masks
 from ion.errors import UserError
+from tests.helpers import png_header
 
 EXIF_ORIENTATION_TAG = 0x0112
 
@@ -134,17 +134,6 @@ def test_compressed_rle_mask():
 # ------------------------------------------------------------------ validation
 
 
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A 8-bit RGB PNG declaring width x height pixels with an empty IDAT: a few
-    dozen bytes, enough for PIL to read the size (and refuse it as a bomb)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"") + _png_chunk(b"IEND", b"")
-
-
 def _tiny(tmp_path):
     """Two 40x30 JPEGs, three annotations, categories with a gap; bomb.png declares 20000x12000 pixels."""
     folder = tmp_path / "images"
@@ -257,8 +246,9 @@ def test_dropped_images_take_their_annotations(tmp_path):
 def test_image_checks_spread_over_a_pool_find_what_a_serial_pass_finds(tmp_path, monkeypatch):
     # Many images, some missing, mis-sized or duplicated, checked in chunks of 3 by two
     # worker processes: the same kept images, counts, examples and first error.
-    import ion.data.coco as coco_module
     from concurrent.futures import ProcessPoolExecutor
+
+    import ion.data.coco as coco_module
     folder, data = _tiny(tmp_path)
     for k in range(20):
         name = f"x{k}.jpg"

@@ -3,8 +3,7 @@ import torch
 import torchvision
 
 from ion.modeling.build import build_detector
-from ion.modeling.config import ModelConfig
-from ion.modeling.context import ContextConfig
+from ion.modeling.config import ContextConfig, ModelConfig
 
 K = 3
 

@@ -17,11 +17,16 @@ from ion.errors import UserError
 from ion.evaluation.coco_eval import coco_eval
 from ion.evaluation.evaluator import Evaluator, flatten_detections
 from ion.evaluation.metrics import STAT_NAMES
-from ion.evaluation.results import (submission_name, to_coco_results, validate_results, write_results,
-                                    write_submission_zip)
+from ion.evaluation.results import (
+    submission_name,
+    to_coco_results,
+    validate_results,
+    write_results,
+    write_submission_zip,
+)
 from ion.inference.postprocess import Detections
 
-# ../shared/data/cocoapi-fake/README.md: pycocotools 2.0.11, iouType "bbox"
+# The 12 summary stats pycocotools 2.0.11 gives (iouType "bbox") for the COCO API's fake results on this ground truth
 README_STATS = (0.5045806987, 0.6969727247, 0.5729816670, 0.5856257209, 0.5193996948, 0.5013978986,
                 0.3868127796, 0.5936795763, 0.5953529829, 0.6398109626, 0.5664205979, 0.5642905983)
 EXTRA_IMAGE = 999_999_999

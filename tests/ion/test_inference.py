@@ -1,13 +1,12 @@
 import numpy as np
 import torch
 
-from ion.ops.box_ops import clip_boxes_xyxy, decode_boxes
-from ion.modeling.build import build_detector
-from ion.modeling.config import ModelConfig
-from ion.modeling.context import ContextConfig
-from ion.modeling.detector import IONDetector
-from ion.inference.predict import predict_raw
 from ion.data.transforms import prepare
+from ion.inference.predict import predict_raw
+from ion.modeling.build import build_detector
+from ion.modeling.config import ContextConfig, ModelConfig
+from ion.modeling.detector import IONDetector
+from ion.ops.box_ops import clip_boxes_xyxy, decode_boxes
 
 K = 3
 WEIGHTS = (10.0, 10.0, 5.0, 5.0)

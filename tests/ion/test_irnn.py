@@ -1,4 +1,5 @@
-"""IRNN context (ion/modeling/irnn.py, ion/modeling/context.py) and the segmentation regulariser (ion/modeling/seg_head.py).
+"""IRNN context (ion/modeling/irnn.py, ion/modeling/context.py) and the segmentation
+regulariser (ion/modeling/seg_head.py).
 
 Fast path against reference path: the closed-form scan against the loop, the
 batched learned-Whh scan against a per-row matrix-vector loop; the receptive
@@ -12,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ion.modeling.context import ContextConfig, IRNNContext, build_context
+from ion.modeling.config import ContextConfig
+from ion.modeling.context import IRNNContext, build_context
 from ion.modeling.irnn import (
     DIRECTIONS,
     FourDirectionIRNN,

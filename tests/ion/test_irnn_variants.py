@@ -5,7 +5,8 @@ the two-layer stack of Fig. 3 with its checkpoint keys."""
 import pytest
 import torch
 
-from ion.modeling.context import ContextConfig, IRNNContext, build_context
+from ion.modeling.config import ContextConfig
+from ion.modeling.context import IRNNContext, build_context
 from ion.modeling.irnn import FourDirectionIRNN, four_direction_scan
 
 

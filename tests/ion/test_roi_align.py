@@ -2,8 +2,8 @@ import pytest
 import torch
 import torchvision
 
-from ion.ops.roi_align import roi_align_sparse, sampling_matrix
 from ion.modeling.skip_pool import ROI_ALIGN_SAMPLING, roi_pool_map
+from ion.ops.roi_align import roi_align_sparse, sampling_matrix
 
 
 def rois_around(*, count: int, height: int, width: int, stride: int, seed: int = 0) -> torch.Tensor:

@@ -1,7 +1,7 @@
 import torch
 
-from ion.ops.box_ops import box_ioa, box_iou, decode_boxes
 from ion.modeling.sampling import RoiSampler
+from ion.ops.box_ops import box_ioa, box_iou, decode_boxes
 
 GT = torch.tensor([[20.0, 20.0, 80.0, 80.0], [120.0, 40.0, 180.0, 140.0]])
 LABELS = torch.tensor([3, 1])

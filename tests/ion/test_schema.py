@@ -9,9 +9,8 @@ import pytest
 import yaml
 
 from ion.errors import UserError
-from pipeline.config_docs import config_reference
-from ion.schema import (Origin, apply_override, build, canonical_json, flatten, read_layered, section_json,
-                             to_yaml)
+from ion.schema import Origin, apply_override, build, canonical_json, flatten, read_layered, section_json, to_yaml
+from pipeline.config.docs import config_reference
 
 
 @dataclass(frozen=True)

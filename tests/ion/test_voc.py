@@ -4,7 +4,6 @@ import json
 import math
 import random
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,61 +12,18 @@ from ion.data.voc import VOC_CLASSES, load_voc_split, read_voc_image_set, voc_bo
 from ion.errors import UserError
 from ion.evaluation.coco_eval import coco_eval
 from ion.evaluation.voc_ap import voc_eval
+from tests.helpers import OBJECTS_2007, OBJECTS_2012, PHOTOS, coco_mini, write_voc_root
 
 # ------------------------------------------------------------------ fixture: a VOC devkit of coco-mini photos
 
 
-def _coco_mini() -> Path:
-    # ../shared beside the checkout (tests/conftest.py), or beside the folder of a git worktree.
-    checkout = Path(__file__).resolve().parents[2]
-    for shared in (checkout.parent / "shared", checkout.parent.parent / "shared"):
-        if (shared / "data" / "coco-mini").is_dir():
-            return shared / "data" / "coco-mini"
-    raise RuntimeError(f"coco-mini not found in ../shared or ../../shared of {checkout}")
-
-
-def _object_xml(name, box, difficult=None, truncated=0):
-    diff = "" if difficult is None else f"<difficult>{difficult}</difficult>"
-    xmin, ymin, xmax, ymax = box
-    return (f"<object><name>{name}</name><pose>Unspecified</pose><truncated>{truncated}</truncated>{diff}"
-            f"<bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox>"
-            f"</object>")
-
-
-def _annotation_xml(name, width, height, objects):
-    return (f"<annotation><folder>VOC</folder><filename>{name}.jpg</filename>"
-            f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>"
-            f"<segmented>0</segmented>{''.join(_object_xml(*o) for o in objects)}</annotation>")
-
-
-def _write_root(root: Path, images: dict, image_set="trainval"):
-    """images: VOC name -> (coco-mini photo, width, height, objects [(class, (xmin, ymin, xmax, ymax), difficult)])."""
-    for sub in ("Annotations", "ImageSets/Main", "JPEGImages"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    for name, (photo, width, height, objects) in images.items():
-        shutil.copy(photo, root / "JPEGImages" / f"{name}.jpg")
-        (root / "Annotations" / f"{name}.xml").write_text(_annotation_xml(name, width, height, objects))
-    (root / "ImageSets" / "Main" / f"{image_set}.txt").write_text("".join(f"{n}\n" for n in images))
-
-
-# (photo, width, height) of three coco-mini val2017 photos
-PHOTOS = (("000000397133.jpg", 640, 427), ("000000349860.jpg", 640, 426), ("000000011813.jpg", 333, 500))
-OBJECTS_2007 = {
-    "000005": [("chair", (263, 211, 324, 339), 0), ("chair", (165, 264, 253, 372), 0),
-               ("person", (5, 244, 67, 374), 1), ("diningtable", (1, 1, 640, 427), None)],
-    "000007": [("car", (141, 50, 500, 330), 0), ("tvmonitor", (7, 7, 7, 7), 0)],  # a one-pixel box
-    "000009": [],  # no objects
-}
-OBJECTS_2012 = {"2008_000123": [("aeroplane", (10, 20, 300, 400), 0), ("sheep", (2, 3, 4, 5), 1)]}
-
-
 @pytest.fixture
 def devkit(tmp_path):
-    mini = _coco_mini() / "val2017"
+    mini = coco_mini() / "val2017"
     voc07, voc12 = tmp_path / "VOCdevkit" / "VOC2007", tmp_path / "VOCdevkit" / "VOC2012"
-    _write_root(voc07, {name: (mini / p, w, h, objs) for name, (p, w, h), objs
+    write_voc_root(voc07, {name: (mini / p, w, h, objs) for name, (p, w, h), objs
                         in zip(OBJECTS_2007, PHOTOS, OBJECTS_2007.values())})
-    _write_root(voc12, {"2008_000123": (mini / PHOTOS[2][0], 333, 500, OBJECTS_2012["2008_000123"])})
+    write_voc_root(voc12, {"2008_000123": (mini / PHOTOS[2][0], 333, 500, OBJECTS_2012["2008_000123"])})
     return voc07, voc12
 
 

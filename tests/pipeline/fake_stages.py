@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from stages.contract import StageResult
 from pipeline.graph import build_graph
-from stages.contract import RuntimeConfig
+from stages.contract import RuntimeConfig, StageResult
 
 FAIL_ENV = "FAKE_STAGE_FAIL"  # name of a stage that raises
 DIE_ENV = "FAKE_STAGE_DIE"  # name of a stage that kills its process after its first piece
 GATE_ENV = "FAKE_STAGE_GATE"  # a file stage `one` waits for before it goes on (concurrency test)
+GATE_DEADLINE_S = 300  # far beyond any run here: only a hang reaches it
 LOG_ENV = "FAKE_STAGE_LOG"  # a file every stage run appends "<stage> <pid>" to
 
 
@@ -65,7 +65,10 @@ def run_one(cfg, inputs, out, ctx):
     """Writes two pieces (resumable: a piece already there is kept) and a plot."""
     _log("one")
     gate = os.environ.get(GATE_ENV)
+    deadline = time.monotonic() + GATE_DEADLINE_S
     while gate and not os.path.exists(gate):
+        if time.monotonic() > deadline:  # a test that never opens the gate fails instead of hanging
+            raise TimeoutError(f"{gate} did not appear within {GATE_DEADLINE_S} s")
         time.sleep(0.01)
     resumed = []
     for piece in range(2):
@@ -161,7 +164,7 @@ def run(cfg: FakeConfig, spec: str = "all", *, force: bool = False):
     """Run the fake pipeline with its own tracker (as a separate invocation would); the RunReport."""
     from pipeline.graph import select_stages
     from pipeline.runner import run_stages
-    from pipeline.tracking import Tracker, tracking_uri_for
+    from pipeline.tracking.client import Tracker, tracking_uri_for
 
     graph = stages()
     workdir = Path(cfg.runtime.workdir)

@@ -11,13 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.ablations import (ABLATIONS_DIR, EXPERIMENT, build_rows, config_changes, format_markdown,
-                                table_metrics)
+from ion.schema import to_plain
 from pipeline.cli import main
-from tests.stages.conftest import copy_artifact
+from pipeline.commands.ablations import (
+    ABLATIONS_DIR,
+    EXPERIMENT,
+    build_rows,
+    config_changes,
+    format_markdown,
+    table_metrics,
+)
 from pipeline.config import DEFAULT_CONFIG, PROJECT_ROOT, AblationConfig, load_config
 from pipeline.graph import cache_keys, registered_stages
-from ion.schema import to_plain
+from tests.helpers import copy_artifact
 
 SMOKE = PROJECT_ROOT / "configs" / "smoke.yaml"
 ABLATION_FILES = sorted(ABLATIONS_DIR.glob("*.yaml"))
@@ -116,7 +122,7 @@ def test_every_ablation_config_names_its_paper_row():
 
 
 def test_tables_option_selects_configs(tmp_path, capsys):
-    from pipeline.ablations import parse_tables, select_tables, load_variants, pick_reference
+    from pipeline.commands.ablations import load_variants, parse_tables, pick_reference, select_tables
 
     variants = load_variants(ABLATION_FILES, [], tmp_path)
     ref = pick_reference(variants, None)

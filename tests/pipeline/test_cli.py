@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -38,8 +39,9 @@ def test_unknown_stage_exits_2_listing_the_known_ones(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["status", "--config", "configs/nope.yaml"], "error: configs/nope.yaml: no such config file (give a path, or "
-                                                  "one of the shipped configs: " + ", ".join(shipped_configs()) + ")\n"),
+    (["status", "--config", "configs/nope.yaml"],
+     "error: configs/nope.yaml: no such config file (give a path, or one of the shipped configs: "
+     + ", ".join(shipped_configs()) + ")\n"),
     (["status", "-o", "seed=-1"], "error: -o seed=-1: seed: expected an integer >= 0, got -1 (fix the value or drop "
                                   "the -o to use 0)\n"),
     (["status", "-o", "runtime.workers=2"], "error: -o runtime.workers=2: runtime.workers: unknown key (did you mean "
@@ -112,3 +114,26 @@ def test_smoke_run_of_the_data_stage(tmp_path, capsys):
 
     assert main(["run", "--stages", "data", "--config", "configs/smoke.yaml", "--workdir", str(tmp_path)]) == 0
     assert any(line.startswith("data       cached") for line in capsys.readouterr().out.splitlines())
+
+
+@pytest.mark.parametrize("command", [
+    ["run", "--config", "smoke", "--stages", "data"],
+    ["ablations", "--configs", str(PROJECT_ROOT / "configs" / "ablations" / "irnn_identity.yaml"), "--stages", "data"],
+    ["predict", "--config", "smoke", "--images", str(SMOKE), "--model-uri", "runs:/0123/model", "--out", "out"],
+])
+def test_commands_that_run_stages_share_one_path(command, tmp_path, monkeypatch, capsys):
+    """run, ablations and predict (from MLflow) go through pipeline/execution/session.py: a
+    tracking server that does not answer stops them before any work with one line, and the
+    run log in the workdir holds it."""
+    with socket.socket() as s:  # a port nobody listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.chdir(tmp_path)
+    workdir = tmp_path / "w"
+    assert main([*command, "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error: MLFLOW_TRACKING_URI=") == 1 and "the MLflow server does not answer" in err
+    logs = list((workdir / "logs").glob("run-*.log"))
+    assert len(logs) == 1 and "the MLflow server does not answer" in logs[0].read_text(encoding="utf-8")
+    assert not (workdir / "artifacts").exists()

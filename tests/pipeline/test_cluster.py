@@ -8,12 +8,20 @@ from pathlib import Path
 import pytest
 
 from ion.errors import UserError
-from pipeline import cluster
-from pipeline.cluster import Cluster, MapItemError, check_reachable, cluster_gpus, init_ray, ray_map
+from pipeline.cluster.tasks import (
+    Cluster,
+    MapItemError,
+    check_reachable,
+    cluster_gpus,
+    init_ray,
+    ray_map,
+    shutdown_ray,
+    tracking_problem,
+)
 from pipeline.graph import build_graph, select_stages
 from pipeline.runner import run_stages
+from pipeline.tracking.client import Tracker, tracking_uri_for
 from stages.contract import RuntimeConfig
-from pipeline.tracking import Tracker, tracking_uri_for
 from tests.pipeline import fake_stages
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -26,7 +34,7 @@ def ray_instance(tmp_path_factory):
     runtime = RuntimeConfig(workdir=str(workdir), num_workers=2)
     assert init_ray(runtime, tracking_uri=TRACKING_URI) is True
     yield runtime
-    cluster.shutdown_ray()
+    shutdown_ray()
 
 
 def test_results_keep_item_order(ray_instance):
@@ -97,9 +105,9 @@ def test_a_sqlite_store_is_refused_for_a_cluster_of_several_nodes_only():
     """What init_ray checks once it has joined a cluster (the multi-node cluster
     itself is not started here: a second Ray node costs more than the suite allows)."""
     uri = "sqlite:////shared/work/mlflow.db"
-    assert cluster.tracking_problem(uri, nodes=1) is None
-    assert cluster.tracking_problem("http://10.0.0.1:5000", nodes=4) is None
-    assert cluster.tracking_problem(uri, nodes=3) == (
+    assert tracking_problem(uri, nodes=1) is None
+    assert tracking_problem("http://10.0.0.1:5000", nodes=4) is None
+    assert tracking_problem(uri, nodes=3) == (
         f"MLFLOW_TRACKING_URI={uri}: a sqlite store cannot be shared by the 3 nodes of the Ray cluster (SQLite is "
         "unsafe on shared storage); start `mlflow server --backend-store-uri sqlite:///<path on one machine> "
         "--host 0.0.0.0 --port 5000` on one machine and set MLFLOW_TRACKING_URI=http://<that machine>:5000")

@@ -1,11 +1,11 @@
-"""Cache keys that see code and input files (pipeline/fingerprint.py, pipeline/graph.py)."""
+"""Cache keys that see code and input files (pipeline/cache/fingerprint.py, pipeline/graph.py)."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pipeline.fingerprint import code_modules, input_fingerprint
+from pipeline.cache.fingerprint import code_modules, input_fingerprint
 from pipeline.graph import Stage, cache_keys
 from tests.conftest import SHARED
 
@@ -71,7 +71,7 @@ def test_replacing_an_input_file_in_place_changes_the_key(tmp_path):
 
 
 def test_folders_and_large_files_are_summarised_not_hashed(tmp_path, monkeypatch):
-    import pipeline.fingerprint as fingerprint
+    import pipeline.cache.fingerprint as fingerprint
 
     big = tmp_path / "weights.pt"
     big.write_bytes(b"0" * 100)

@@ -1,4 +1,4 @@
-"""The queue of tracking records MLflow did not take (pipeline/pending.py),
+"""The queue of tracking records MLflow did not take (pipeline/tracking/pending.py),
 replayed into real sqlite stores: torn lines, a replay killed half-way, records
 refused for good, records of several experiments, the training workers' queue,
 and a replay that leaves the queue open to writers while it sends."""
@@ -13,8 +13,8 @@ import textwrap
 from pathlib import Path
 
 from pipeline.config import PROJECT_ROOT
-from pipeline.pending import PENDING_FILE, REJECTED_FILE, PendingRecords
-from pipeline.tracking import Tracker
+from pipeline.tracking.client import Tracker
+from pipeline.tracking.pending import PENDING_FILE, REJECTED_FILE, PendingRecords
 
 
 def closed_port() -> int:
@@ -72,7 +72,7 @@ def test_a_torn_line_does_not_swallow_the_next_record(workdir, capsys):
 REPLAY_KILLED = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
-    from pipeline.tracking import Tracker
+    from pipeline.tracking.client import Tracker
     workdir = Path(sys.argv[1])
     tracker = Tracker(tracking_uri=f"sqlite:///{workdir.resolve() / 'mlflow.db'}", experiment="queue",
                       workdir=workdir)
@@ -165,10 +165,10 @@ def test_a_replay_sends_without_holding_the_queue_lock(workdir):
 
 
 def test_training_workers_queue_what_the_store_does_not_take(workdir, monkeypatch):
-    """A Ray Train worker's run (pipeline/train_adapter.py WorkerSession) with the
+    """A Ray Train worker's run (pipeline/cluster/train.py WorkerSession) with the
     server down: its points are queued, not dropped, and the replay adds only the
     steps the run does not hold (a resumed worker logs its history again)."""
-    from pipeline.worker_tracking import run_by_id
+    from pipeline.tracking.worker import run_by_id
 
     store = local(workdir)
     run = store.start_parent(name="train", tags={})

@@ -1,4 +1,4 @@
-"""pipeline/progress.py: full lines in a pipe (every update with
+"""pipeline/execution/progress.py: full lines in a pipe (every update with
 ION_PROGRESS_EVERY=0, first and last otherwise), a bad setting is a user error,
 and the run log tees what is printed."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from ion.errors import UserError
-from pipeline.progress import Progress, iterate, print_every
-from pipeline.run_log import RunLog
+from pipeline.execution.progress import Progress, iterate, print_every
+from pipeline.execution.run_log import RunLog
 
 
 def _captured(monkeypatch) -> io.StringIO:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.run_context import RunContext
+from pipeline.execution.run_context import RunContext
 from stages.contract import RuntimeConfig
 
 

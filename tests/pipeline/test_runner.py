@@ -5,18 +5,21 @@ import json
 import multiprocessing
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from ion.errors import UserError
+from pipeline.cache.store import MANIFEST, ArtifactStore, file_sha256
 from pipeline.graph import cache_keys
 from pipeline.runner import format_summary
-from pipeline.store import MANIFEST, ArtifactStore, file_sha256
-from pipeline.tracking import tracking_uri_for
+from pipeline.tracking.client import tracking_uri_for
 from tests.pipeline import fake_stages
 from tests.pipeline.fake_stages import Beta, config, run
+
+POLL_DEADLINE_S = 300  # far beyond any run here: only a hang reaches it
 
 
 def ran(report) -> dict[str, bool]:
@@ -147,21 +150,25 @@ def test_two_runs_at_once_produce_each_output_once(workdir, tmp_path, monkeypatc
     def runner(name: str) -> None:
         results[name] = fake_stages.run_fake(workdir)
 
-    first = threading.Thread(target=runner, args=("first",))
+    first = threading.Thread(target=runner, args=("first",), daemon=True)
     first.start()
+    deadline = time.monotonic() + POLL_DEADLINE_S  # only a hang reaches it: it fails instead
     while not (log.exists() and log.read_text()):  # the first run is inside stage one, holding its lock
         first.join(timeout=0.05)
         assert first.is_alive()
-    second = threading.Thread(target=runner, args=("second",))
+        assert time.monotonic() < deadline, "the first run never entered stage one"
+    second = threading.Thread(target=runner, args=("second",), daemon=True)
     second.start()
     said = ""
     while "waiting for another run producing one" not in said:
         said += capfd.readouterr().err
         second.join(timeout=0.05)
         assert second.is_alive()
+        assert time.monotonic() < deadline, f"the second run never said it waits: {said!r}"
     gate.touch()
-    first.join(timeout=120)
-    second.join(timeout=120)
+    first.join(timeout=POLL_DEADLINE_S)
+    second.join(timeout=POLL_DEADLINE_S)
+    assert not first.is_alive() and not second.is_alive(), "a run did not finish after the gate opened"
     assert results == {"first": {"one": False, "two": False, "three": False},
                        "second": {"one": True, "two": True, "three": True}}
     assert (said + capfd.readouterr().err).count("waiting for another run producing one") == 1

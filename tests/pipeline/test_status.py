@@ -1,9 +1,9 @@
 """`pipeline status`: cached / stale / missing / modified per stage."""
 from __future__ import annotations
 
+from pipeline.cache.status import format_status, stage_statuses
+from pipeline.cache.store import ArtifactStore
 from pipeline.graph import cache_keys
-from pipeline.status import format_status, stage_statuses
-from pipeline.store import ArtifactStore
 from tests.pipeline import fake_stages
 from tests.pipeline.fake_stages import Beta, config, run
 
@@ -43,7 +43,7 @@ def test_status_verify_finds_modified_outputs(workdir):
 
 
 def test_gc_lists_and_deletes_outputs_no_given_config_uses(workdir):
-    from pipeline.gc import delete_output, format_unused, unused_outputs
+    from pipeline.cache.gc import delete_output, format_unused, unused_outputs
 
     old, new = config(workdir), config(workdir, beta=Beta(b=0.75))
     run(old, "all")

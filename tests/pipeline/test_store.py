@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import pytest
 
 from ion.errors import UserError
-from pipeline.store import MANIFEST, ArtifactStore, file_sha256
+from pipeline.cache.store import MANIFEST, ArtifactStore, file_sha256
+
+POLL_DEADLINE_S = 300  # far beyond any wait here: only a hang reaches it
 
 
 def produce(store: ArtifactStore, key: str = "k1") -> None:
@@ -100,17 +103,20 @@ def test_lock_makes_the_second_holder_wait(tmp_path, capsys):
         with store.locked("s", "k1", notify_after_s=0.1):
             events.append("second in")
 
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads = [threading.Thread(target=first, daemon=True), threading.Thread(target=second, daemon=True)]
     threads[0].start()
-    first_in.wait()
+    assert first_in.wait(timeout=POLL_DEADLINE_S), "the first thread never took the lock"
     threads[1].start()
     said = ""
+    deadline = time.monotonic() + POLL_DEADLINE_S  # only a hang reaches it: it fails instead
     while "waiting for another run producing s (k1)" not in said:
         said += capsys.readouterr().err
         threads[1].join(timeout=0.05)
+        assert time.monotonic() < deadline, f"the second thread never said it waits: {said!r}"
     release.set()
     for thread in threads:
-        thread.join()
+        thread.join(timeout=POLL_DEADLINE_S)
+        assert not thread.is_alive(), "a thread did not finish after the lock was released"
     assert events == ["first in", "first out", "second in"]
 
 

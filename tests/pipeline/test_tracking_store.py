@@ -7,8 +7,8 @@ import sqlite3
 import pytest
 
 from ion.errors import UserError
-from pipeline.sqlite_store import drop_migration_leftovers
-from pipeline.tracking import Tracker
+from pipeline.tracking.client import Tracker
+from pipeline.tracking.sqlite_store import drop_migration_leftovers
 
 
 def local_tracker(workdir):

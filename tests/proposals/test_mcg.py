@@ -6,8 +6,7 @@ import pytest
 import scipy.io
 
 from ion.errors import UserError
-from proposals.mcg import (clean_boxes, load_mcg_proposals, locate_mcg_files, mcg_yxyx1_to_xyxy,
-                           read_mcg_mat)
+from proposals.mcg import clean_boxes, load_mcg_proposals, locate_mcg_files, mcg_yxyx1_to_xyxy, read_mcg_mat
 
 WIDTH, HEIGHT = 100, 80
 # MCG rows [y1, x1, y2, x2], 1-based inclusive, and their scores.

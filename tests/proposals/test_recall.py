@@ -5,8 +5,16 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from proposals.recall import (GroundTruth, best_overlaps, box_iou_numpy, curve_counts, evaluate_recall,
-                              load_ground_truth, plot_recall, store_recall)
+from proposals.recall import (
+    GroundTruth,
+    best_overlaps,
+    box_iou_numpy,
+    curve_counts,
+    evaluate_recall,
+    load_ground_truth,
+    plot_recall,
+    store_recall,
+)
 from proposals.store import ProposalStore, write_store
 
 

@@ -8,16 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ion.ops.box_ops import box_iou, encode_boxes
+from ion.engine.checkpoint import CheckpointFiles
+from ion.engine.loop import NonFiniteLossError
 from ion.errors import UserError
+from ion.ops.box_ops import box_iou, encode_boxes
 from proposals.anchors import grid_anchors
+from proposals.rpn.config import RpnConfig
 from proposals.rpn.generate import generate_proposals, generate_proposals_all
 from proposals.rpn.losses import IGNORE, NEGATIVE, POSITIVE, label_anchors, rpn_losses, sample_anchors
 from proposals.rpn.model import RPN_BOX_WEIGHTS, build_rpn, flatten_head_outputs, load_rpn, rpn_input_size, save_rpn
-from ion.engine.checkpoint import CheckpointFiles
-from ion.engine.loop import NonFiniteLossError
 from proposals.rpn.train import rpn_phases, rpn_state_dict, train_rpn
-from proposals.rpn.config import RpnConfig
 
 # A CPU-sized RPN: VGG16 at 1/8 width with batch norm (trained from scratch),
 # 1/8-width head, anchors at 1/4 size (8..128 px) for ~100 px images.
@@ -125,8 +125,8 @@ def test_label_anchors_on_hand_made_boxes():
     ])
     labels, matched = label_anchors(anchors=anchors, gt_boxes=gt, gt_iscrowd=iscrowd,
                                     pos_iou=0.7, neg_iou=0.3, crowd_ioa=0.7)
-    P, N, I = POSITIVE, NEGATIVE, IGNORE
-    assert labels.tolist() == [P, P, I, N, N, P, N, I, N, P]
+    P, N, X = POSITIVE, NEGATIVE, IGNORE
+    assert labels.tolist() == [P, P, X, N, N, P, N, X, N, P]
     positive = labels == POSITIVE
     assert matched[positive].tolist() == [0, 0, 1, 1]
 

@@ -15,28 +15,7 @@ from ion.data.synthetic import CONTEXT_CATEGORY_IDS
 from ion.errors import UserError
 from pipeline.config import PROJECT_ROOT, Config, load_config
 from stages.contract import StageResult
-
-
-class FakeContext:
-    """A StageContext that maps in-process and records what the stage logs."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.runtime = None
-        self.mapped: list[str] = []
-
-    def log_metrics(self, metrics, step=None):
-        pass
-
-    def log_params(self, params):
-        pass
-
-    def map(self, fn, items, desc, gpu=False):
-        self.mapped.append(desc)
-        return [fn(item) for item in items]
-
-    def progress(self, iterable, desc, total=None, unit="items"):
-        return iterable
+from tests.helpers import FakeContext
 
 
 def _run(cfg, out: Path) -> StageResult:

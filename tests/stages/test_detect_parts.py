@@ -10,8 +10,7 @@ import stages.detect as detect_stage
 import stages.evaluate as evaluate_stage
 from ion.data.split import DetectionSplit
 from proposals.store import ProposalStore, ShardedWriter
-from tests.stages.conftest import FakeContext, copy_artifact
-from tests.stages.test_detect_tune_evaluate import _without_test_annotations
+from tests.helpers import FakeContext, copy_artifact, without_test_annotations
 
 SETS = ("plain", "round1", "flip")
 
@@ -58,7 +57,8 @@ def test_killed_run_recomputes_only_the_missing_shards(smoke_run, tmp_path):
     assert [(t.split, t.shard.index) for t in tasks] == [("minival", lost)]
     assert (copy / "raw_minival_plain.h5").stat().st_mtime_ns == plain_mtime  # its store was written
     for which in SETS:  # the detector recomputes bit for bit on the CPU
-        resumed, first = _content(copy / f"raw_minival_{which}.h5"), _content(dirs["detect"] / f"raw_minival_{which}.h5")
+        resumed = _content(copy / f"raw_minival_{which}.h5")
+        first = _content(dirs["detect"] / f"raw_minival_{which}.h5")
         assert resumed["attrs"] == first["attrs"] and list(resumed["items"]) == list(first["items"])
         for image_id, arrays in first["items"].items():
             for x, y in zip(resumed["items"][image_id], arrays, strict=True):
@@ -94,7 +94,7 @@ def test_split_without_annotations_reads_only_the_final_candidates(smoke_run, tm
     # Test-dev writes the final setting alone: the other settings' candidate sets
     # (unflipped, round 1) are not read, so a detect output without them serves.
     dirs = smoke_run.dirs
-    data = _without_test_annotations(dirs["data"], tmp_path / "data")
+    data = without_test_annotations(dirs["data"], tmp_path / "data")
     detect = tmp_path / "detect"
     detect.mkdir()
     (detect / "raw_test_flip.h5").symlink_to(dirs["detect"] / "raw_test_flip.h5")

@@ -29,9 +29,9 @@ from ion.inference.predict import predict_raw
 from ion.inference.tuning import Thresholds, apply_thresholds, objective
 from pipeline.config import PROJECT_ROOT
 from proposals.store import ProposalStore
-from stages.raw_detections import label_names, read_raw
+from stages.helpers.raw_detections import label_names, read_raw
 from stages.train import load_trained_detector
-from tests.stages.conftest import SMOKE_CONFIG, FakeContext, copy_artifact
+from tests.helpers import SMOKE_CONFIG, FakeContext, copy_artifact, without_test_annotations
 
 SETTINGS = ("final", "no_flip", "no_voting", "baseline")
 
@@ -269,26 +269,9 @@ def test_results_json_is_valid_coco_and_scores_as_reported(smoke_run):
         assert (dirs["evaluate"] / "plots" / plot).stat().st_size > 0
 
 
-def _without_test_annotations(data_dir: Path, target: Path) -> Path:
-    """A copy of the data stage output whose test split is like COCO test-dev: an
-    image-info file without annotations (what the data stage writes for
-    data.coco.test_image_info) and has_annotations false. Images stay where they are."""
-    (target / "annotations").mkdir(parents=True)
-    index = json.loads((data_dir / "index.json").read_text())
-    for name, entry in index["splits"].items():
-        entry["image_dir"] = str((data_dir / entry["image_dir"]).resolve())
-        coco = json.loads((data_dir / entry["annotations"]).read_text())
-        if name == "test":
-            del coco["annotations"]
-            entry["has_annotations"] = False
-        (target / entry["annotations"]).write_text(json.dumps(coco))
-    (target / "index.json").write_text(json.dumps(index))
-    return target
-
-
 def test_split_without_annotations_gets_submission_files(smoke_run, tmp_path):
     dirs = smoke_run.dirs
-    data = _without_test_annotations(dirs["data"], tmp_path / "data")
+    data = without_test_annotations(dirs["data"], tmp_path / "data")
     out = tmp_path / "evaluate"
     out.mkdir()
     inputs = {"data": data, "detect": dirs["detect"], "tune": dirs["tune"]}

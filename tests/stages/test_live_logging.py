@@ -14,9 +14,10 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from pipeline.config import PROJECT_ROOT
-from tests.stages.conftest import copy_artifact
+from tests.helpers import copy_artifact
 
 ITERATIONS = (20, 10)
 
@@ -48,7 +49,7 @@ def test_two_workers_log_losses_while_training_and_print_progress(smoke_run, tmp
     progress = [line for line in lines[start:end] if re.match(rf"train: \d+/{total} \(\d+%\) [\d.]+ it/s", line)]
     assert progress and f"train: {total}/{total}" in progress[-1], lines[start:end]
     log_file = re.search(r"^log: +(\S+)$", text, re.MULTILINE).group(1)
-    assert "stage train: finished" in open(log_file).read()
+    assert "stage train: finished" in Path(log_file).read_text(encoding="utf-8")
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from mlflow import MlflowClient

@@ -14,8 +14,8 @@ from torchvision.ops import box_iou
 import stages.proposals as proposals_stage
 from ion.data.split import DetectionSplit
 from proposals.recall import IOU_THRESHOLDS, load_ground_truth
-from proposals.store import ProposalStore, ShardedWriter, read_shard
-from tests.stages.conftest import FakeContext, copy_artifact
+from proposals.store import ProposalStore, ShardedWriter
+from tests.helpers import FakeContext, copy_artifact
 
 SPLITS = ("train", "minival", "test")
 SOURCES = ("rpn1", "rpn2", "selective_search")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from pipeline.config import PROJECT_ROOT
-from tests.stages.conftest import copy_artifact
+from tests.helpers import copy_artifact
 
 ITERATIONS, CHECKPOINT_EVERY = 40, 5
 OVERRIDES = ["-o", f"proposals.rpn.iterations={ITERATIONS}", "-o", f"proposals.rpn.checkpoint_every={CHECKPOINT_EVERY}"]

@@ -4,7 +4,7 @@ import dataclasses
 import numpy as np
 
 import stages.train as train_stage
-from tests.stages.conftest import FakeContext
+from tests.helpers import FakeContext
 
 
 def test_loss_falls_on_the_synthetic_data(smoke_run, tmp_path):

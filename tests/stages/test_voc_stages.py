@@ -18,9 +18,8 @@ from ion.data.split import DetectionSplit
 from ion.errors import UserError
 from ion.evaluation.voc_ap import voc_eval
 from pipeline.config import Config, load_config
-from stages.raw_detections import ROUND1, write_raw
-from tests.ion.test_voc import OBJECTS_2007, OBJECTS_2012, PHOTOS, _coco_mini, _write_root
-from tests.stages.test_data_stage import FakeContext
+from stages.helpers.raw_detections import ROUND1, write_raw
+from tests.helpers import OBJECTS_2007, OBJECTS_2012, PHOTOS, FakeContext, coco_mini, write_voc_root
 
 # Two more coco-mini photos as VOC 2007 test images, with their boxes.
 TEST_PHOTOS = ("000000000139.jpg", "000000000802.jpg")
@@ -31,16 +30,16 @@ TEST_OBJECTS = ([("person", (10, 20, 200, 300), 0), ("tvmonitor", (300, 40, 420,
 
 @pytest.fixture
 def devkit(tmp_path) -> tuple[Path, Path]:
-    mini = _coco_mini() / "val2017"
+    mini = coco_mini() / "val2017"
     voc07, voc12 = tmp_path / "VOCdevkit" / "VOC2007", tmp_path / "VOCdevkit" / "VOC2012"
-    _write_root(voc07, {name: (mini / p, w, h, objs) for name, (p, w, h), objs
+    write_voc_root(voc07, {name: (mini / p, w, h, objs) for name, (p, w, h), objs
                         in zip(OBJECTS_2007, PHOTOS, OBJECTS_2007.values())})
     test = {}
     for k, (photo, objects) in enumerate(zip(TEST_PHOTOS, TEST_OBJECTS)):
         width, height = Image.open(mini / photo).size
         test[f"00010{k}"] = (mini / photo, width, height, objects)
-    _write_root(voc07, test, image_set="test")
-    _write_root(voc12, {"2008_000123": (mini / PHOTOS[2][0], 333, 500, OBJECTS_2012["2008_000123"])})
+    write_voc_root(voc07, test, image_set="test")
+    write_voc_root(voc12, {"2008_000123": (mini / PHOTOS[2][0], 333, 500, OBJECTS_2012["2008_000123"])})
     return voc07, voc12
 
 
