@@ -56,7 +56,7 @@ def command(workdir: Path, stages: str) -> list[str]:
 
 def start(workdir: Path, stages: str, env: dict[str, str]) -> subprocess.Popen:
     stale = progress_file(workdir)  # a killed command's: its progress is not this command's
-    if stale is not None:
+    if stale is not None and not (stale.parents[1] / "manifest.json").exists():  # (a finished output's stays)
         stale.unlink()
     # A session of its own: a SIGKILL of the command takes its Ray processes with it, as a lost machine would.
     return subprocess.Popen(command(workdir, stages), cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE,
