@@ -11,17 +11,49 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 TMP_SUFFIX = ".tmp"
+WRITING_NOTE = "while writing "  # the note atomic_path adds to an error: the file it was writing
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}" + re.escape(TMP_SUFFIX) + "$")  # temporary_name's
 
 
 def temporary_name(path: Path) -> Path:
     """A fresh temporary path beside `path` (same folder, so the rename is atomic)."""
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's process: alive
+    return True
+
+
+def remove_temporaries(folder: Path | str, *, recursive: bool = True, dead_only: bool = False) -> int:
+    """Delete the temporary files a killed writer left in `folder` (SIGKILL skips the cleanup of
+    `atomic_path`: at COCO's size a torn HDF5 store is gigabytes). `dead_only`: only those whose
+    writer (the pid in the name) is gone, for a folder other processes may be writing in; without it,
+    the caller holds the folder (a stage output under its lock). Returns how many were removed."""
+    removed = 0
+    walk = os.walk(folder) if recursive else [next(os.walk(folder), (str(folder), [], []))]
+    for root, _, files in walk:
+        for name in files:
+            match = _TEMPORARY.match(name)
+            if match and not (dead_only and _alive(int(match.group(1)))):
+                try:
+                    os.unlink(os.path.join(root, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass  # its writer finished or cleaned up meanwhile
+    return removed
 
 
 def fsync_file(path: Path) -> None:
@@ -59,8 +91,11 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
         yield tmp
         fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, Exception):
+            # Writers that lose the errno (torch.save: "unexpected pos") still say which file failed.
+            err.add_note(f"{WRITING_NOTE}{path}")
         raise
     fsync_dir(path.parent)
 

@@ -1,4 +1,4 @@
-"""The command line: `python -m pipeline run | status | gc | predict | ablations | config-docs`,
+"""The command line: `python -m pipeline run | plan | status | gc | predict | ablations | config-docs`,
 one module per command in pipeline/commands/ (each with `add_parser` and `run`).
 
 A `UserError` prints `error: <message>` on stderr and exits with status 2, no
@@ -10,17 +10,19 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from ion.errors import UserError
-from pipeline.commands import ablations, config_docs, gc, predict, run, status
+from pipeline.commands import ablations, config_docs, gc, plan, predict, run, status
+from pipeline.execution.disk_errors import disk_error
 from pipeline.execution.session import ReportedError
 from pipeline.execution.stopping import StopSignals
 
 EXIT_USER_ERROR = 2
 EXIT_SIGNAL_BASE = 128  # the shell's convention: 130 after SIGINT, 143 after SIGTERM
 EXIT_INTERRUPTED = EXIT_SIGNAL_BASE + signal.SIGINT
-COMMANDS = (run, status, gc, predict, ablations, config_docs)
+COMMANDS = (run, plan, status, gc, predict, ablations, config_docs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except ReportedError:
+        return EXIT_USER_ERROR
+    except Exception as err:
+        disk = disk_error(err, getattr(args, "workdir", None) or Path.cwd())  # a full or read-only disk
+        if disk is None:
+            raise
+        print(f"error: {disk}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", None) or args.stops.signum or signal.SIGINT

@@ -21,8 +21,8 @@ from types import ModuleType
 from typing import Any, Callable, Sequence
 
 from ion.errors import UserError
-from ion.schema import section_json
-from pipeline.cache.fingerprint import code_fingerprint, code_modules, input_fingerprints
+from pipeline.cache.fingerprint import code_fingerprint, code_modules, input_fingerprints, section_json_without_paths
+from pipeline.cache.input_state import InputState
 
 # The data flow: every stage consumes only stages listed before it.
 STAGE_NAMES = ("data", "proposals", "train", "detect", "tune", "evaluate")
@@ -109,9 +109,11 @@ def select_stages(stages: Sequence[Stage], spec: str) -> tuple[Stage, ...]:
     return tuple(s for s in stages if s.name in chosen)
 
 
-def key_material(stage: Stage, cfg: Any, upstream_keys: dict[str, str]) -> dict[str, Any]:
+def key_material(stage: Stage, cfg: Any, upstream_keys: dict[str, str],
+                 state: InputState | None = None) -> dict[str, Any]:
     """What a stage's key is made of, in full (the manifest keeps it): the READS fields' canonical
-    JSON, the upstream keys, the code fingerprint with each module's sha256, the input files'."""
+    JSON (input paths masked: their content counts, pipeline/cache/fingerprint.py), the upstream keys, the
+    code fingerprint with each module's sha256, the input files'. `state`: remembered input hashes."""
     for name in stage.reads:
         if not hasattr(cfg, name):
             raise TypeError(f"stage {stage.name!r} READS {name!r}, which is not a config field")
@@ -119,10 +121,10 @@ def key_material(stage: Stage, cfg: Any, upstream_keys: dict[str, str]) -> dict[
     return {
         "stage": stage.name,
         "version": stage.version,
-        "reads": {name: section_json(cfg, name) for name in stage.reads},
+        "reads": {name: section_json_without_paths(cfg, name) for name in stage.reads},
         "upstream": {name: upstream_keys[name] for name in stage.upstream},
         "code": {"fingerprint": code_fingerprint(modules), "modules": modules},
-        "inputs": input_fingerprints(cfg, stage.reads),
+        "inputs": input_fingerprints(cfg, stage.reads, state),
     }
 
 
@@ -138,12 +140,22 @@ def stage_key(stage: Stage, cfg: Any, upstream_keys: dict[str, str]) -> str:
     return key_of(key_material(stage, cfg, upstream_keys))
 
 
+def input_state(cfg: Any) -> InputState:
+    """The input-hash state of the config's workdir (memory only for a config without one)."""
+    workdir = getattr(getattr(cfg, "runtime", None), "workdir", None)
+    return InputState.open(workdir)
+
+
 def cache_materials(stages: Sequence[Stage], cfg: Any) -> dict[str, tuple[str, dict[str, Any]]]:
     """(key, material) of every stage, in pipeline order (a key covers its upstream keys)."""
     found: dict[str, tuple[str, dict[str, Any]]] = {}
-    for stage in stages:
-        material = key_material(stage, cfg, {name: key for name, (key, _) in found.items()})
-        found[stage.name] = (key_of(material), material)
+    state = input_state(cfg)
+    try:
+        for stage in stages:
+            material = key_material(stage, cfg, {name: key for name, (key, _) in found.items()}, state)
+            found[stage.name] = (key_of(material), material)
+    finally:
+        state.close()
     return found
 
 

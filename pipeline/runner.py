@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ion.atomic import remove_temporaries
 from ion.errors import UserError
 from ion.schema import to_plain, to_yaml
 from pipeline.cache.store import MANIFEST, ArtifactStore
@@ -23,6 +24,8 @@ from pipeline.execution.progress import emit, heartbeat
 from pipeline.execution.run_context import RunContext
 from pipeline.execution.stopping import NO_SIGNALS, StopSignals
 from pipeline.graph import SHORT_KEY, Stage, cache_materials
+from pipeline.plan.observe import StageMeter, comparison_lines, estimate_lines, record_stage, run_estimates
+from pipeline.plan.resources import TRAIN_STAGE, check_resources
 from pipeline.tracking.client import FAILED, FINISHED, KILLED, TrackedRun, Tracker, ui_hint
 from stages.contract import StageResult
 
@@ -55,6 +58,7 @@ class RunReport:
     pending_records: int = 0  # tracking records MLflow did not take, kept in pending_path
     pending_path: Path | None = None
     tracking_error: str | None = None
+    predicted: list[str] = field(default_factory=list)  # predicted vs measured time per stage that ran
 
 
 def check_upstream(stages: Sequence[Stage], selected: Sequence[Stage], keys: dict[str, str],
@@ -123,8 +127,19 @@ def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], 
     store = ArtifactStore(workdir)
     materials = cache_materials(stages, cfg)
     keys = {name: key for name, (key, _) in materials.items()}
+    if workdir.is_dir():  # what a killed command left beside the stores (stage outputs: see store.prepare)
+        remove_temporaries(workdir, recursive=False, dead_only=True)
     set_aside_damaged(stages, selected, keys, store, force=force)
     check_upstream(stages, selected, keys, store, force=force, command=command)
+    cached = {s.name: not force and store.exists(s.name, keys[s.name]) for s in selected}
+    # Before any stage: a training job the cluster cannot hold fails here in one line, not after the others ran.
+    problems = check_resources(cfg.runtime, trains=TRAIN_STAGE in cached and not cached[TRAIN_STAGE])
+    if problems:
+        raise UserError(problems[0])
+    estimates = run_estimates(cfg, selected, materials=materials, cached=cached,
+                              data_output=_data_output(store, keys))
+    for line in estimate_lines(estimates):
+        emit(line)
     tracker.flush_pending()  # what an earlier run could not send
     tracker.close_abandoned()  # runs of a command killed with SIGKILL
 
@@ -141,6 +156,13 @@ def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], 
             outcomes.append(_run_one(stage, cfg, keys=keys, material=materials[stage.name][1], store=store,
                                      tracker=tracker, parent=parent, cluster=cluster, force=force,
                                      config_text=config_text, stops=stops))
+            if stage.name == "data" and any(e.items is None for e in estimates.values()):
+                # The splits are counted now: the estimate of the stages still to run, before they record theirs.
+                later = selected[selected.index(stage) + 1:]
+                estimates.update(run_estimates(cfg, later, materials=materials, cached=cached,
+                                               data_output=_data_output(store, keys)))
+                for line in estimate_lines({s.name: estimates[s.name] for s in later}):
+                    emit(line)
     except KeyboardInterrupt:
         parent.finish(KILLED, error="interrupted")
         raise
@@ -152,9 +174,15 @@ def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], 
     parent.log_metrics(headline_metrics(outcomes))
     parent.finish(FINISHED)
     pending = tracker.flush_pending()
+    predicted = comparison_lines(estimates, {o.name: o.produced_seconds for o in outcomes if not o.cached})
     return RunReport(outcomes=outcomes, workdir=workdir, tracking_uri=tracker.tracking_uri,
                      experiment=cfg.name, parent_run_id=parent.run_id, pending_records=pending,
-                     pending_path=tracker.pending.path, tracking_error=tracker.offline_error)
+                     pending_path=tracker.pending.path, tracking_error=tracker.offline_error, predicted=predicted)
+
+
+def _data_output(store: ArtifactStore, keys: dict[str, str]) -> Path | None:
+    """The data stage's finished output for these keys (split sizes for estimates), if any."""
+    return store.path("data", keys["data"]) if "data" in keys and store.exists("data", keys["data"]) else None
 
 
 def _error_text(err: BaseException) -> str:
@@ -179,6 +207,7 @@ def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], material: dict, st
         ctx = RunContext(workdir=store.workdir, runtime=cfg.runtime, run=run, mapper=cluster, stops=stops,
                          config_text=config_text, model_run=_model_run(tracker, store, keys))
         inputs = {name: store.path(name, keys[name]) for name in stage.upstream}
+        meter = StageMeter()
         begun = time.perf_counter()
         emit(f"stage {stage.name}: started (key {key[:SHORT_KEY]})")
         try:
@@ -193,6 +222,7 @@ def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], material: dict, st
             run.finish(FAILED, error=_error_text(err))
             raise
         seconds = time.perf_counter() - begun
+        measured = meter.finish(out)
         metrics = {k: float(v) for k, v in result.metrics.items()}
         made = out
         out = store.path(stage.name, key)
@@ -200,9 +230,11 @@ def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], material: dict, st
         summary = [line.replace(str(made), str(out)) for line in result.summary]
         store.write_manifest(stage.name, key, version=stage.version,
                              upstream={u: keys[u] for u in stage.upstream}, run_id=run.run_id,
-                             timings={"run_s": round(seconds, 3)}, metrics=metrics, summary=summary, out=made,
-                             material=material)
+                             timings={"run_s": round(seconds, 3), **measured}, metrics=metrics, summary=summary,
+                             out=made, material=material)
         store.publish(stage.name, key, made)
+        record_stage(cfg, stage.name, material=material, data_output=_data_output(store, keys),
+                     measured={"seconds": seconds, **measured})
     run.log_metrics(metrics)
     run.log_file(out / MANIFEST)
     if (out / PLOTS_DIR).is_dir():
@@ -274,6 +306,8 @@ def format_summary(report: RunReport) -> str:
     lines += ["", f"outputs: {report.workdir / 'artifacts'}/<stage>/<key>/",
               f"MLflow:  experiment {report.experiment!r}, run {report.parent_run_id}",
               f"         {ui_hint(report.tracking_uri)}"]
+    if report.predicted:
+        lines += ["", *report.predicted]
     if report.pending_records:
         why = f" ({report.tracking_error})" if report.tracking_error else ""
         lines.append(f"         {report.pending_records} tracking record(s) not sent{why}: kept "

@@ -29,7 +29,7 @@ class McgConfig:
     dir: Optional[str] = field(
         default=None,
         metadata={"help": "directory of per-image MCG .mat files (MCG-COCO-<split>-boxes); none: no MCG",
-                  "path": True})
+                  "path": True, "files": "mcg"})
     allow_missing: bool = field(
         default=False,
         metadata={"help": "images without a .mat file get no MCG boxes instead of stopping the run"})

@@ -166,20 +166,50 @@ class McgFiles:
     missing: tuple[int, ...]
 
 
-def _index_directory(directory: Path) -> tuple[dict[str, Path], dict[int, list[Path]]]:
-    by_stem: dict[str, Path] = {}
-    by_id: dict[int, list[Path]] = {}
-    for root, _, files in os.walk(directory):
-        for name in files:
+@dataclass(frozen=True)
+class McgIndex:
+    """The .mat files of an MCG directory: by stem (every file with that stem, a
+    duplicate stem in two subfolders lists both) and by trailing image id."""
+
+    directory: Path
+    by_stem: dict[str, list[str]]  # paths as str: an index of COCO's 120k files is built on every `status`
+    by_id: dict[int, list[str]]
+
+    def candidate_paths(self, image_id: int, file_name: str) -> list[str]:
+        """The files that could be image `image_id`'s (lookup in the module doc): [] none, one, or
+        several (ambiguous: the caller names them)."""
+        stem = os.path.splitext(os.path.basename(file_name))[0]
+        return list(self.by_stem.get(stem) or self.by_id.get(int(image_id), []))
+
+    def candidates(self, image_id: int, file_name: str) -> list[Path]:
+        return [Path(p) for p in self.candidate_paths(image_id, file_name)]
+
+
+def index_mcg_directory(directory: Union[str, Path]) -> McgIndex:
+    """Every .mat file under `directory`, searched recursively; symlinked subfolders
+    are followed (a split's files are often linked in), each real folder once."""
+    directory = Path(directory)
+    by_stem: dict[str, list[str]] = {}
+    by_id: dict[int, list[str]] = {}
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or the same folder linked twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        prefix = os.path.join(root, "")
+        for name in sorted(files):
             if not name.endswith(".mat"):
                 continue
-            path = Path(root) / name
+            path = prefix + name
             stem = name[: -len(".mat")]
-            by_stem.setdefault(stem, path)
+            by_stem.setdefault(stem, []).append(path)
             digits = _TRAILING_DIGITS.search(stem)
             if digits:
                 by_id.setdefault(int(digits.group(1)), []).append(path)
-    return by_stem, by_id
+    return McgIndex(directory=directory, by_stem=by_stem, by_id=by_id)
 
 
 def locate_mcg_files(
@@ -187,25 +217,25 @@ def locate_mcg_files(
 ) -> McgFiles:
     """Find the MCG file of each (image_id, file name or path) (lookup in the
     module doc). Missing files raise a UserError listing how many and the
-    first ten, unless `allow_missing` (then their path is None)."""
+    first ten, unless `allow_missing` (then their path is None); two files that
+    could both be an image's (the same stem in two subfolders, or two names
+    ending in its id) are a UserError naming them."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"proposals.mcg.dir: {directory} is not a directory; point it at the unpacked "
                         f"MCG-COCO-<split>-boxes files or set it to null to go without MCG")
-    by_stem, by_id = _index_directory(directory)
+    index = index_mcg_directory(directory)
     paths: dict[int, Optional[Path]] = {}
     missing: list[tuple[int, str]] = []
     for image_id, file_name in images:
         image_id = int(image_id)
-        found = by_stem.get(Path(file_name).stem)
-        if found is None:
-            candidates = by_id.get(image_id, [])
-            if len(candidates) > 1:
-                listed = ", ".join(str(p) for p in sorted(candidates)[:5])
-                raise UserError(f"{directory}: several MCG files match image {image_id} "
-                                f"({Path(file_name).name}): {listed}; keep one split's files per "
-                                f"directory or name the files after the images")
-            found = candidates[0] if candidates else None
+        candidates = index.candidates(image_id, file_name)
+        if len(candidates) > 1:
+            listed = ", ".join(str(p) for p in sorted(candidates)[:5])
+            raise UserError(f"{directory}: several MCG files match image {image_id} "
+                            f"({Path(file_name).name}): {listed}; keep one split's files per "
+                            f"directory or name the files after the images")
+        found = candidates[0] if candidates else None
         if found is None:
             missing.append((image_id, Path(file_name).name))
         paths[image_id] = found

@@ -90,6 +90,11 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
         for split_name, split in splits.items():
             if group == "mcg":
                 settings["mcg"] = _mcg_settings(pcfg.mcg, split)
+                without = settings["mcg"]["missing"]
+                if without:  # only with allow_missing: otherwise locating the files raised
+                    metrics[f"{split_name}_images_without_mcg"] = float(without)
+                    summary.append(f"{split_name}: {without} of {len(split.images)} images have no MCG file "
+                                   f"in {pcfg.mcg.dir} (proposals.mcg.allow_missing): no MCG boxes for them")
             paths = _compute_group(group, split, settings[group], out, ctx, config_key=out.name)
             stores[split_name].update(paths)
 
@@ -130,7 +135,7 @@ def _mcg_settings(mcfg, split: DetectionSplit) -> dict:
     files = locate_mcg_files(mcfg.dir, [(r.image_id, r.path.name) for r in split.images],
                              allow_missing=mcfg.allow_missing)
     return {"paths": {i: (str(p) if p else None) for i, p in files.paths.items()},
-            "min_size": mcfg.min_size, "top_n": mcfg.top_n}
+            "missing": len(files.missing), "min_size": mcfg.min_size, "top_n": mcfg.top_n}
 
 
 def _compute_group(group: str, split: DetectionSplit, settings: dict, out: Path, ctx: StageContext,

@@ -72,10 +72,12 @@ class CocoConfig:
     train_annotations: Optional[str] = field(default=None, metadata={
         "help": "instances_train*.json (COCO 2014 or 2017 layout)", "path": True})
     train_images: Optional[str] = field(default=None, metadata={
-        "help": "folder of the training images (train2014/ or train2017/)", "path": True})
+        "help": "folder of the training images (train2014/ or train2017/)", "path": True,
+        "files": "named_by:train_annotations"})
     val_annotations: Optional[str] = field(default=None, metadata={
         "help": "instances_val*.json: minival is held out of it", "path": True})
-    val_images: Optional[str] = field(default=None, metadata={"help": "folder of the val images", "path": True})
+    val_images: Optional[str] = field(default=None, metadata={"help": "folder of the val images", "path": True,
+                                                              "files": "named_by:val_annotations"})
     minival_size: int = field(default=5000, metadata={
         "help": "minival = this many val images, the smallest image ids (Appendix: 5000)", "min": 1})
     minival_ids_file: Optional[str] = field(default=None, metadata={
@@ -91,7 +93,8 @@ class CocoConfig:
         "help": "test-dev image info json (images, no annotations): detections go to the COCO server",
         "path": True})
     test_images: Optional[str] = field(default=None, metadata={
-        "help": "folder of the test images (test2015/ or test2017/)", "path": True})
+        "help": "folder of the test images (test2015/ or test2017/)", "path": True,
+        "files": "named_by:test_annotations,test_image_info"})
     on_bad_annotation: Literal["error", "drop"] = field(default="error", metadata={
         "help": "a bad image or annotation entry stops the run (error) or is dropped, counted and logged"})
     box_tolerance: float = field(default=1.0, metadata={

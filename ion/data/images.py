@@ -17,6 +17,7 @@ Without an expected size the tag is applied, as any viewer would.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,24 @@ def load_image(path: Path | str, *, expected_size: tuple[int, int] | None = None
         apply_tag = apply_exif_for_size(
             path=path, stored=image.size, oriented=oriented_size, expected=tuple(expected_size))
     if apply_tag and orientation != 1:
+        image = ImageOps.exif_transpose(image)
+    return _to_rgb(image)
+
+
+def decode_image(data: bytes, *, name: str = "image bytes") -> np.ndarray:
+    """`load_image` of a file's bytes (a JPEG/PNG sent over the network): uint8 (H, W, 3)
+    RGB, the EXIF tag applied. UserError naming `name` when the bytes are no image."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Image.DecompressionBombError as err:
+        raise UserError(f"{name}: {err}; send a photo of a sensible size") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{name}: cannot read the image (not a format PIL reads); send the bytes of a JPEG/PNG "
+                        "file") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise UserError(f"{name}: cannot read the image ({err}); send the bytes of a JPEG/PNG file") from None
+    if exif_orientation(image) != 1:
         image = ImageOps.exif_transpose(image)
     return _to_rgb(image)
 

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from ion.schema import flatten
+from pipeline.cache.input_state import InputState
 
 _SHOWN = 6  # entries per kind before "... and N more"
 
@@ -41,8 +42,30 @@ def _shorten(kind: str, names: list[str]) -> list[str]:
     return shown
 
 
-def describe_changes(old_manifest: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
-    """What differs between the key material recorded in `old_manifest` and `new` (module docstring)."""
+def _input_changes(old: dict[str, Any], new: dict[str, Any], state: InputState | None) -> list[str]:
+    """Input fields whose content differs; for a folder whose two listings `state` remembers, the
+    very files added, removed or changed (`file .../train2014/x.jpg (data.coco.train_images)`)."""
+    reasons = []
+    for key in sorted(set(old) | set(new)):
+        before, after = old.get(key, {}).get("fingerprint"), new.get(key, {}).get("fingerprint")
+        if before == after:
+            continue
+        path = new.get(key, old.get(key, {})).get("path", "?")
+        listings = [state.listing(f) if state is not None and f else None for f in (before, after)]
+        if None in listings:
+            reasons.append(f"file {path} ({key})")
+            continue
+        names = _dict_changes(*listings)
+        reasons += [f"file {path.rstrip('/')}/{name} ({key})" for name in names[:_SHOWN]]
+        if len(names) > _SHOWN:
+            reasons.append(f"... and {len(names) - _SHOWN} more files of {path} ({key})")
+    return reasons
+
+
+def describe_changes(old_manifest: dict[str, Any] | None, new: dict[str, Any],
+                     state: InputState | None = None) -> list[str]:
+    """What differs between the key material recorded in `old_manifest` and `new` (module docstring).
+    `state`: the workdir's input state, to name the files that changed inside an input folder."""
     if old_manifest is None:
         return []
     old = old_manifest.get("material")
@@ -52,10 +75,7 @@ def describe_changes(old_manifest: dict[str, Any] | None, new: dict[str, Any]) -
     if old.get("version") != new["version"]:
         reasons.append(f"VERSION {old.get('version')} -> {new['version']}")
     reasons += _shorten("config", _config_changes(old.get("reads", {}), new["reads"]))
-    old_inputs = {k: v.get("fingerprint") for k, v in old.get("inputs", {}).items()}
-    new_inputs = {k: v["fingerprint"] for k, v in new["inputs"].items()}
-    reasons += [f"file {new['inputs'].get(k, old.get('inputs', {}).get(k, {})).get('path', '?')} ({k})"
-                for k in _dict_changes(old_inputs, new_inputs)]
+    reasons += _input_changes(old.get("inputs", {}), new["inputs"], state)
     reasons += _shorten("module", _dict_changes(old.get("code", {}).get("modules", {}), new["code"]["modules"]))
     reasons += [f"upstream {name}" for name in _dict_changes(old.get("upstream", {}), new["upstream"])]
     return reasons

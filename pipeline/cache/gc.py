@@ -4,7 +4,11 @@ An output is kept when its key is the current key of its stage for one of the
 given configs (code and input files included, pipeline/graph.py); every other
 directory under `<workdir>/artifacts/<stage>/`, finished or partial, is listed
 and, with --yes, deleted (its manifest first, so a half-deleted output never
-looks finished). An output whose lock another run holds is in use: kept.
+looks finished). The outputs --force runs build aside (`<stage>/.replacing/<key>/`)
+are listed the same way: one of a current key is kept, so the same command
+resumes it. An output whose lock a run holds is in use, being built or read:
+kept, and its lock with it. Lock files are never deleted: a run may be waiting
+on the very file, and a new file at the same path would let a third run in.
 """
 from __future__ import annotations
 
@@ -40,26 +44,26 @@ def unused_outputs(stages: Sequence[Stage], configs: Sequence[Any], store: Artif
             keep[name].add(key)
     found = []
     for stage in stages:
-        for path in store.outputs(stage.name):
+        for path in store.outputs(stage.name) + store.replacing(stage.name):
             if path.name not in keep[stage.name]:
                 found.append(Unused(stage=stage.name, key=path.name, path=path, bytes=_size(path),
                                     finished=(path / MANIFEST).is_file()))
     return found
 
 
-def delete_output(item: Unused) -> bool:
-    """Delete one output unless a run holds its lock; True when deleted."""
-    lock = FileLock(str(item.path.parent / f"{item.key}.lock"))
+def delete_output(item: Unused, store: ArtifactStore) -> bool:
+    """Delete one output unless a run holds its stage lock (the one `ArtifactStore.locked` takes,
+    for an output built aside too); True when deleted. The lock file stays (module docstring)."""
+    lock = FileLock(str(store.root / item.stage / f"{item.key}.lock"))
     try:
         lock.acquire(timeout=0)
     except Timeout:
         return False
     try:
         (item.path / MANIFEST).unlink(missing_ok=True)
-        shutil.rmtree(item.path)
+        shutil.rmtree(item.path, ignore_errors=False)
     finally:
         lock.release()
-    (item.path.parent / f"{item.key}.lock").unlink(missing_ok=True)
     return True
 
 

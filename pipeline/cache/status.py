@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 from pipeline.cache.changes import describe_changes
 from pipeline.cache.store import ArtifactStore
-from pipeline.graph import SHORT_KEY, Stage, cache_materials
+from pipeline.graph import SHORT_KEY, Stage, cache_materials, input_state
 
 CACHED, STALE, MISSING, MODIFIED = "cached", "stale", "missing", "modified"
 
@@ -35,6 +35,7 @@ def stage_statuses(stages: Sequence[Stage], cfg: Any, store: ArtifactStore, *,
                    verify: bool = False) -> list[StageStatus]:
     """The state of every stage for `cfg`; `verify` also re-checksums cached outputs."""
     materials = cache_materials(stages, cfg)
+    inputs = input_state(cfg)  # the folder listings behind the input fingerprints, to name changed files
     statuses = []
     for stage in stages:
         key, material = materials[stage.name]
@@ -48,7 +49,7 @@ def stage_statuses(stages: Sequence[Stage], cfg: Any, store: ArtifactStore, *,
         else:
             state = STALE if others else MISSING
             if others:
-                reasons = describe_changes(store.latest_other(stage.name, key), material)
+                reasons = describe_changes(store.latest_other(stage.name, key), material, inputs)
         statuses.append(StageStatus(name=stage.name, key=key, state=state,
                                     run_id=manifest.get("mlflow_run_id") if manifest else None,
                                     other_keys=others, changed_files=changed, reasons=list(reasons)))

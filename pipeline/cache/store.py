@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 from filelock import FileLock, Timeout
 
-from ion.atomic import TMP_SUFFIX, write_text_atomic
+from ion.atomic import TMP_SUFFIX, remove_temporaries, write_text_atomic
 from ion.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -96,7 +96,14 @@ class ArtifactStore:
         folder = self.root / stage
         if not folder.is_dir():
             return []
-        return sorted(p for p in folder.iterdir() if p.is_dir())
+        return sorted(p for p in folder.iterdir() if p.is_dir() and p.name != REPLACING_DIR)
+
+    def replacing(self, stage: str) -> list[Path]:
+        """The outputs --force runs of `stage` are building aside (`prepare`), finished or not."""
+        folder = self.root / stage / REPLACING_DIR
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.endswith(".old"))
 
     @contextlib.contextmanager
     def locked(self, stage: str, key: str, *, notify_after_s: float = 1.0) -> Iterator[None]:
@@ -116,20 +123,19 @@ class ArtifactStore:
             lock.release()
 
     def prepare(self, stage: str, key: str, *, clear: bool) -> Path:
-        """The directory to produce the output in, created. `clear` (--force) starts
-        afresh: a finished output stays where it is, in use, until the new one is
-        complete (`publish`); the new one is made in `<stage>/.replacing/<key>/`
-        (the same folder name: stages may record it). An unfinished one is removed."""
+        """The directory to produce the output in, created; the caller holds the stage's lock.
+
+        `clear` (--force) recomputes a finished output: it stays where it is, in
+        use, until the new one is complete (`publish`); the new one is made in
+        `<stage>/.replacing/<key>/` (the same folder name: stages may record it).
+        Like any unfinished output, that folder is resumed, not wiped, when the
+        same command runs again after a kill: its pieces are of this very key.
+        Temporary files a killed writer left in it are removed first."""
         out = self.path(stage, key)
         if clear and self.exists(stage, key):
-            staging = self.root / stage / REPLACING_DIR / key
-            if staging.exists():
-                shutil.rmtree(staging)
-            staging.mkdir(parents=True)
-            return staging
-        if clear and out.exists():
-            shutil.rmtree(out)
+            out = self.root / stage / REPLACING_DIR / key
         out.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(out)
         return out
 
     def publish(self, stage: str, key: str, made: Path) -> Path:

@@ -196,6 +196,20 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
 
 
+def visible_gpus(runtime: RuntimeConfig) -> tuple[float, str]:
+    """(GPUs, where) that a run of `runtime` would get, without running anything: the Ray
+    instance this process is connected to, the cluster runtime.ray_address / RAY_ADDRESS
+    names (joined), or this machine's (what a local Ray instance would declare)."""
+    if ray.is_initialized():
+        return cluster_gpus(), f"the Ray cluster ({cluster_summary()})"
+    if runtime.ray_address or os.environ.get("RAY_ADDRESS"):
+        init_ray(runtime)
+        return cluster_gpus(), f"the Ray cluster ({cluster_summary()})"
+    import torch
+
+    return float(torch.cuda.device_count()), "this machine (a local Ray instance)"
+
+
 def ray_map(fn: Callable[[Any], Any], items: Iterable[Any], desc: str, gpu: bool = False) -> list:
     """`[fn(item) for item in items]` as Ray tasks, in item order, with a progress bar.
 

@@ -34,6 +34,6 @@ def run(args: argparse.Namespace) -> int:
     store = ArtifactStore(Path(configs[0].runtime.workdir))
     items = unused_outputs(registered_stages(), configs, store)
     print(f"workdir: {store.workdir}")
-    deleted = [delete_output(item) for item in items] if args.yes else None
+    deleted = [delete_output(item, store) for item in items] if args.yes else None
     print(format_unused(items, deleted=deleted))
     return 0

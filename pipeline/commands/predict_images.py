@@ -12,6 +12,7 @@ module-level function a Ray task runs; the model is loaded once per worker.
 """
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ion.atomic import atomic_path
 from ion.data.categories import CategoryMap
-from ion.data.images import load_image
+from ion.data.images import decode_image
 from ion.errors import UserError
 from ion.evaluation.results import to_coco_results
 from ion.inference.postprocess import Detections
@@ -169,30 +169,39 @@ def draw(image: np.ndarray, dets: Detections, categories: CategoryMap, *, thresh
 
 @dataclass(frozen=True)
 class PredictTask:
-    """One Ray task: a few images. images: (image_id, path, drawn image path or None)."""
+    """One Ray task: a few images, sent as their bytes, so a worker on another node needs no
+    view of the driver's disk. images: (image_id, name, file bytes); draw: return a drawn JPEG."""
 
     predictor: Predictor
-    images: tuple[tuple[int, str, Optional[str]], ...]
+    images: tuple[tuple[int, str, bytes], ...]
     draw_threshold: float
+    draw: bool = True
 
 
 def predict_task(task: PredictTask) -> list[dict[str, Any]]:
-    """A Ray task: detect, draw, and return one entry per image:
-    {"image_id", "file_name", "width", "height", "results": COCO results dicts}."""
+    """A Ray task: detect and draw; one entry per image: {"image_id", "file_name", "width",
+    "height", "results": COCO results dicts, "drawn": JPEG bytes or None}, or {"image_id",
+    "file_name", "error"} for an image that cannot be read (truncated, not an image): one bad
+    file costs only itself, never the other images' detections."""
     if worker_device().type == "cpu":
         torch.set_num_threads(1)  # one task per core: Ray's tasks are the parallelism
     _, _, _, categories = _models(task.predictor)
     entries = []
-    for image_id, path, drawn in task.images:
-        image = load_image(Path(path))  # EXIF orientation applied: no annotation to agree with
+    for image_id, name, data in task.images:
+        try:
+            image = decode_image(data, name=name)  # EXIF orientation applied: no annotation to agree with
+        except UserError as err:
+            entries.append({"image_id": image_id, "file_name": name, "error": str(err)})
+            continue
         dets = detect_image(task.predictor, image, seed=image_id)
-        if drawn is not None:
-            picture = draw(image, dets, categories, threshold=task.draw_threshold)
-            with atomic_path(drawn) as tmp:
-                picture.save(tmp, format="JPEG", quality=90)
+        drawn = None
+        if task.draw:
+            buffer = io.BytesIO()
+            draw(image, dets, categories, threshold=task.draw_threshold).save(buffer, format="JPEG", quality=90)
+            drawn = buffer.getvalue()
         results = to_coco_results({image_id: dets}, categories)
         for entry in results:
-            entry["file_name"] = path
-        entries.append({"image_id": image_id, "file_name": path, "width": int(image.shape[1]),
-                        "height": int(image.shape[0]), "results": results})
+            entry["file_name"] = name
+        entries.append({"image_id": image_id, "file_name": name, "width": int(image.shape[1]),
+                        "height": int(image.shape[0]), "results": results, "drawn": drawn})
     return entries

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from ion.errors import UserError
+from pipeline.execution.disk_errors import disk_error
 from pipeline.execution.run_log import RunLog
 from pipeline.execution.stopping import NO_SIGNALS, StopSignals
 
@@ -74,3 +75,9 @@ def stage_session(workdir: Path, *, headline: str, stops: StopSignals = NO_SIGNA
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             raise ReportedError(str(err)) from None
+        except Exception as err:
+            disk = disk_error(err, workdir)  # a full or read-only disk: one line, not a traceback
+            if disk is None:
+                raise
+            print(f"error: {disk}", file=sys.stderr)
+            raise ReportedError(str(disk)) from None

@@ -1,6 +1,7 @@
 """Cache keys that see code and input files (pipeline/cache/fingerprint.py, pipeline/graph.py)."""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -70,18 +71,15 @@ def test_replacing_an_input_file_in_place_changes_the_key(tmp_path):
     assert cache_keys([stage], cfg)["data"] != changed
 
 
-def test_folders_and_large_files_are_summarised_not_hashed(tmp_path, monkeypatch):
-    import pipeline.cache.fingerprint as fingerprint
-
+def test_files_and_folders_are_fingerprinted_by_content(tmp_path):
     big = tmp_path / "weights.pt"
     big.write_bytes(b"0" * 100)
-    monkeypatch.setattr(fingerprint, "HASH_LIMIT", 10)
     first = input_fingerprint(big)
-    assert first.startswith("bytes=100 mtime_ns=")
-    os.utime(big, ns=(1, 1))
-    assert input_fingerprint(big) != first
+    assert first == "sha256=" + hashlib.sha256(b"0" * 100).hexdigest()
+    os.utime(big, ns=(1, 1))  # touched: same bytes, same fingerprint
+    assert input_fingerprint(big) == first
     assert input_fingerprint(tmp_path / "absent") == "missing"
-    assert input_fingerprint(tmp_path).startswith("folder files=1 bytes=100 ")
+    assert input_fingerprint(tmp_path).startswith("files=1 sha256=")
 
 
 def test_replacing_the_coco_annotations_in_place_changes_the_data_key(tmp_path):

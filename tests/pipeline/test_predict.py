@@ -6,8 +6,10 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -53,20 +55,40 @@ def test_predict_on_photos_writes_detections_and_drawn_images(smoke_run, tmp_pat
     folder = tmp_path / "photos"
     folder.mkdir()
     photos = _photos(folder, 3)
+    # A messy folder: two photos whose drawn names could collide, a truncated JPEG, a FIFO (never
+    # opened: reading it would block), a PNG whose header declares 180 Mpx, a text file.
+    with Image.open(photos[0]) as image:
+        image.save(folder / "b.png")
+        image.save(folder / "b-2.jpg")
+    photos += [folder / "b-2.jpg", folder / "b.png"]
+    whole = photos[0].read_bytes()
+    (folder / "broken.jpg").write_bytes(whole[:len(whole) * 2 // 3])  # the header whole, the pixels cut
+    os.mkfifo(folder / "pipe.jpg")
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 15000, 12000, 8, 2, 0, 0, 0))  # 180 Mpx, 8-bit RGB
+    (folder / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\0" * 100))
+                                      + chunk(b"IEND", b""))
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
     code = main(["predict", "--config", "smoke", "--workdir", str(smoke_run.workdir), "--images", str(folder),
                  "--out", str(out), "--threshold", "0.0"])
     err = capsys.readouterr().err
     assert code == 0, err
-    skipped = [line for line in err.splitlines() if "notes.txt" in line]
-    assert len(skipped) == 1 and "skipped 1 file" in skipped[0]
+    for name in ("notes.txt", "pipe.jpg", "huge.png", "broken.jpg"):
+        assert len([line for line in err.splitlines() if f"{folder / name}:" in line]) == 1, (name, err)
+    assert "skipped 3 file(s) that are not readable images" in err  # by their header: notes, pipe, huge
+    assert "skipped 1 file(s) that could not be read to the end" in err and "truncated" in err
     results = json.loads((out / "detections.json").read_text())
     assert results and {r["file_name"] for r in results} <= {str(p) for p in photos}
-    assert {r["image_id"] for r in results} <= {0, 1, 2}
     assert all(len(r["bbox"]) == 4 and 0.0 <= r["score"] <= 1.0 and "category_id" in r for r in results)
     drawn = sorted(p.name for p in (out / "drawn").iterdir())
-    assert drawn == sorted(["deep__" + photos[2].stem + ".jpg", photos[0].stem + ".jpg", photos[1].stem + ".jpg"])
+    assert drawn == sorted(["deep__" + photos[2].stem + ".jpg", photos[0].stem + ".jpg", photos[1].stem + ".jpg",
+                            "b.jpg", "b-2.jpg"])
+    with Image.open(out / "drawn" / "b.jpg") as b, Image.open(out / "drawn" / "b-2.jpg") as b2:
+        assert b.size == b2.size  # both drawn, from the same pixels
     with Image.open(out / "drawn" / drawn[0]) as image:
         assert image.mode == "RGB"
 

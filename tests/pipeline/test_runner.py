@@ -186,6 +186,26 @@ def test_force_clears_and_recomputes(workdir, tmp_path, monkeypatch):
     assert json.loads((out / "resumed.json").read_text()) == []  # recomputed, nothing resumed
 
 
+def test_a_killed_force_run_resumes_when_the_same_command_runs_again(workdir, monkeypatch):
+    cfg = config(workdir)
+    run(cfg)
+    store = ArtifactStore(workdir)
+    key = cache_keys(fake_stages.stages(), cfg)["one"]
+    old = file_sha256(store.path("one", key) / MANIFEST)
+    monkeypatch.setenv(fake_stages.FAIL_ENV, "one")  # the --force run stops after both pieces
+    with pytest.raises(RuntimeError, match="failed on purpose"):
+        run(cfg, "one", force=True)
+    aside = store.root / "one" / ".replacing" / key
+    assert sorted(p.name for p in aside.iterdir()) == ["piece0.json", "piece1.json"]
+    (aside / f".piece2.json.{2**22 + 9}.0123abcd.tmp").write_bytes(b"torn")  # as a SIGKILLed writer leaves it
+    assert file_sha256(store.path("one", key) / MANIFEST) == old  # the old output, whole, in use meanwhile
+    monkeypatch.delenv(fake_stages.FAIL_ENV)
+    assert ran(run(cfg, "one", force=True)) == {"one": True}
+    out = store.path("one", key)
+    assert json.loads((out / "resumed.json").read_text()) == [0, 1]  # both pieces taken from the killed run
+    assert not aside.exists() and not list(out.glob("*.tmp")) and store.verify("one", key) == []
+
+
 def test_mlflow_parent_and_child_runs(workdir):
     cfg = config(workdir)
     first = run(cfg)

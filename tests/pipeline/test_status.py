@@ -54,7 +54,29 @@ def test_gc_lists_and_deletes_outputs_no_given_config_uses(workdir):
     assert {(u.stage, u.key) for u in unused} == {("two", old_keys["two"]), ("three", old_keys["three"])}
     assert "rerun with --yes" in format_unused(unused)
     assert unused_outputs(fake_stages.stages(), [old, new], store) == []  # both configs keep theirs
-    assert all(delete_output(u) for u in unused)
+    assert all(delete_output(u, store) for u in unused)
     assert not store.path("two", old_keys["two"]).exists()
     assert all(store.exists(stage, key) for stage, key in new_keys.items())
     assert unused_outputs(fake_stages.stages(), [new], store) == []
+
+
+def test_gc_never_touches_what_a_run_builds_or_the_lock_it_holds(workdir):
+    from pipeline.cache.gc import delete_output, unused_outputs
+
+    old, new = config(workdir), config(workdir, beta=Beta(b=0.75))
+    run(old, "all")
+    store = ArtifactStore(workdir)
+    key = cache_keys(fake_stages.stages(), old)["two"]
+    lock = store.root / "two" / f"{key}.lock"
+    with store.locked("two", key):  # a --force run of the old config, building aside as the runner does
+        building = store.prepare("two", key, clear=True)
+        (building / "piece.json").write_text("{}")
+        unused = unused_outputs(fake_stages.stages(), [new], store)
+        assert ("two", building) in {(u.stage, u.path) for u in unused}
+        assert not any(delete_output(u, store) for u in unused if u.key == key)
+        assert (building / "piece.json").is_file() and store.exists("two", key) and lock.is_file()
+    # The same run's config given to gc: its unfinished build-aside is kept, so the rerun resumes it.
+    assert key not in {u.key for u in unused_outputs(fake_stages.stages(), [old], store) if u.stage == "two"}
+    assert all(delete_output(u, store) for u in unused_outputs(fake_stages.stages(), [new], store))
+    assert not building.exists() and not store.path("two", key).exists()
+    assert lock.is_file()  # released, never deleted: a waiting run may hold the same file

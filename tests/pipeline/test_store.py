@@ -72,10 +72,14 @@ def test_other_keys_and_clear(tmp_path):
     store.prepare("s", "k3", clear=False)  # unfinished: not an output
     assert store.other_keys("s", "k1") == ["k2"]
     assert store.other_keys("t", "k1") == []
-    out = store.prepare("s", "k3", clear=True)  # unfinished: removed
-    assert out == store.path("s", "k3") and list(out.iterdir()) == []
+    (store.path("s", "k3") / "piece.bin").write_bytes(b"done")  # a finished piece of a killed run
+    (store.path("s", "k3") / f".store.h5.{2**22 + 7}.0123abcd.tmp").write_bytes(b"torn")  # SIGKILL's leftover
+    out = store.prepare("s", "k3", clear=True)  # unfinished: resumed, its leftover temporaries removed
+    assert out == store.path("s", "k3") and [p.name for p in out.iterdir()] == ["piece.bin"]
     out = store.prepare("s", "k1", clear=True)  # finished: kept until the new one is complete
     assert list(out.iterdir()) == [] and store.exists("s", "k1")
+    (out / "piece.bin").write_bytes(b"new")  # the --force run is killed here; the same command again:
+    assert store.prepare("s", "k1", clear=True) == out and (out / "piece.bin").read_bytes() == b"new"
 
 
 def test_corrupt_manifest_is_a_user_error(tmp_path):

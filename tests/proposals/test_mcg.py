@@ -206,3 +206,21 @@ def test_huge_mcg_arrays_are_refused_before_reading(tmp_path, monkeypatch):
     monkeypatch.setattr(mcg, "MAX_VALUES", 100)  # the real limit is 50 million values; the rule is the same
     with pytest.raises(UserError, match="'boxes' holds 200 values, more than the 100"):
         load_mcg_proposals(path, width=40, height=30)
+
+
+def test_symlinked_subfolders_are_read_and_duplicate_stems_named(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_v5(elsewhere / "COCO_val2014_000000000042.mat", {"boxes": RAW_BOXES, "scores": RAW_SCORES})
+    mcg = tmp_path / "mcg"
+    mcg.mkdir()
+    (mcg / "val2014").symlink_to(elsewhere)
+    (mcg / "loop").symlink_to(mcg)  # a link back up the tree is walked once
+    found = locate_mcg_files(mcg, [(42, "COCO_val2014_000000000042.jpg")])
+    assert found.paths == {42: mcg / "val2014" / "COCO_val2014_000000000042.mat"}
+    (mcg / "copy").mkdir()
+    write_v5(mcg / "copy" / "COCO_val2014_000000000042.mat", {"boxes": RAW_BOXES, "scores": RAW_SCORES})
+    with pytest.raises(UserError) as err:
+        locate_mcg_files(mcg, [(42, "COCO_val2014_000000000042.jpg")])
+    assert str(mcg / "copy" / "COCO_val2014_000000000042.mat") in str(err.value)
+    assert str(mcg / "val2014" / "COCO_val2014_000000000042.mat") in str(err.value)

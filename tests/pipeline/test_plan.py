@@ -1,0 +1,192 @@
+"""`python -m pipeline plan`: the preflight's one line per problem and exit 2 (a missing annotation
+file, an MCG folder missing half the images, a workdir on a real tmpfs too small for the outputs,
+more training workers than the cluster's GPUs), the estimate from the smoke run's calibration,
+`--json`'s fields, and the plan's own MLflow run."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+
+from pipeline.cli import main
+from pipeline.config import PROJECT_ROOT
+from pipeline.plan.estimate import CALIBRATION_DIR, predict
+from pipeline.plan.resources import resource_problems
+from tests.pipeline.test_cli import cli
+
+COCO_MINI = PROJECT_ROOT / "configs" / "coco_mini.yaml"
+STAGE_FIELDS = {"items", "seconds", "gpu_hours", "disk_bytes", "peak_rss_bytes", "cached"}
+
+
+def _problems(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("problem: ")]
+
+
+def test_default_config_plans_with_no_problem_and_logs_a_run(workdir, capsys):
+    from mlflow import MlflowClient
+
+    assert main(["plan", "--workdir", str(workdir)]) == 0
+    out, err = capsys.readouterr()
+    assert _problems(err) == []
+    assert "preflight: 0 problem(s)" in out and "images: train 600, minival 150, test 150" in out
+    assert "train: 2640 images seen" in out  # (30 + 600 + 30) iterations x 4 images
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("default").experiment_id])
+    assert [r.info.run_name for r in runs] == ["default: plan"]
+    assert runs[0].data.metrics["problems"] == 0.0 and runs[0].data.metrics["tune_items"] == 60 * 150
+
+
+def test_json_estimate_comes_from_the_smoke_runs_calibration(smoke_run, workdir, capsys):
+    shutil.copytree(smoke_run.workdir / CALIBRATION_DIR, workdir / CALIBRATION_DIR)
+    assert main(["plan", "--config", "configs/smoke.yaml", "--workdir", str(workdir), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert set(plan) == {"problems", "stages", "total_seconds", "calibration"}
+    assert plan["problems"] == [] and plan["calibration"]["assumed"] == []
+    assert list(plan["stages"]) == ["data", "proposals", "train", "detect", "tune", "evaluate"]
+    for name, stage in plan["stages"].items():
+        assert set(stage) == STAGE_FIELDS and stage["cached"] is False
+        manifest = json.loads((smoke_run.dirs[name] / "manifest.json").read_text())
+        # The same work as the calibrating run: its measured figures, exactly.
+        assert stage["seconds"] == pytest.approx(manifest["timings"]["run_s"], rel=1e-3)
+        assert stage["disk_bytes"] == manifest["timings"]["disk_bytes"] > 0
+        assert stage["peak_rss_bytes"] == manifest["timings"]["peak_rss_bytes"] > 0
+        assert stage["gpu_hours"] == 0.0
+    assert plan["total_seconds"] == pytest.approx(sum(s["seconds"] for s in plan["stages"].values()))
+
+
+def test_calibration_fit_separates_fixed_and_per_item_costs():
+    records = [{"items": 100, "seconds": 30.0, "disk_bytes": 1000, "peak_rss_bytes": None},
+               {"items": 300, "seconds": 50.0, "disk_bytes": 3000, "peak_rss_bytes": None}]
+    records[1]["peak_rss_bytes"] = 2e9
+    fig = predict(records, 1200)
+    assert fig["seconds"] == pytest.approx(20.0 + 0.1 * 1200)  # 20 s fixed + 0.1 s per item
+    assert fig["disk_bytes"] == pytest.approx(12000) and fig["peak_rss_bytes"] == 2e9
+    one = predict(records[1:], 600)  # one size: time and disk per item only, memory flat
+    assert (one["seconds"], one["disk_bytes"], one["peak_rss_bytes"]) == pytest.approx((100.0, 6000, 2e9))
+
+
+def test_missing_annotation_file_is_one_line(workdir, tmp_path, capsys):
+    missing = tmp_path / "instances_train2017.json"
+    rc = main(["plan", "--config", str(COCO_MINI), "--workdir", str(workdir),
+               "-o", f"data.coco.train_annotations={missing}"])
+    assert rc == 2
+    assert _problems(capsys.readouterr().err) == [
+        f"problem: {missing}: no such file (check the path in the data config)"]
+
+
+def _mcg_for_half(shared_dir: Path, folder: Path) -> int:
+    """A .mat of MCG boxes for every other coco-mini image; returns how many images lack one."""
+    missing = 0
+    for split in ("train2017", "val2017"):
+        images = sorted((shared_dir / "data" / "coco-mini" / split).glob("*.jpg"))
+        (folder / split).mkdir(parents=True)
+        for image in images[::2]:
+            boxes = np.array([[1, 1, 20, 30], [5, 5, 40, 60]], dtype=np.float64)  # MCG's 1-based [y1 x1 y2 x2]
+            scipy.io.savemat(folder / split / f"{image.stem}.mat", {"boxes": boxes, "scores": np.ones((2, 1))})
+        missing += len(images) - len(images[::2])
+    return missing
+
+
+def test_mcg_folder_missing_half_the_images_is_one_line(shared_dir, workdir, tmp_path, capsys):
+    missing = _mcg_for_half(shared_dir, tmp_path / "mcg")
+    args = ["plan", "--config", str(COCO_MINI), "--workdir", str(workdir),
+            "-o", f"proposals.mcg.dir={tmp_path / 'mcg'}", "-o", "proposals.bottom_up=mcg"]
+    assert main(args) == 2
+    assert _problems(capsys.readouterr().err) == [
+        f"problem: proposals.mcg.dir: {tmp_path / 'mcg'}: no MCG .mat file for {missing} of 159 images; add the "
+        f"files, or set proposals.mcg.allow_missing: true to give those images no MCG boxes (RPN boxes only)"]
+    assert main(args + ["-o", "proposals.mcg.allow_missing=true"]) == 0
+    assert f"note: MCG: {missing} of 159 images have no .mat file" in capsys.readouterr().out
+
+
+@pytest.fixture()
+def small_tmpfs(tmp_path):
+    """A real 4 MiB tmpfs (root only), unmounted afterwards."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_workdir_too_small_for_the_predicted_outputs_is_one_line(smoke_run, small_tmpfs, mlflow_db_template):
+    shutil.copytree(smoke_run.workdir / CALIBRATION_DIR, small_tmpfs / CALIBRATION_DIR)
+    shutil.copy(mlflow_db_template, small_tmpfs / "mlflow.db")
+    # In a process of its own, as users run it: nothing of it keeps the mount busy afterwards.
+    proc = cli("plan", "--config", "configs/smoke.yaml", "--workdir", str(small_tmpfs))
+    problems = _problems(proc.stderr)
+    assert proc.returncode == 2 and len(problems) == 1
+    assert problems[0].startswith(f"problem: runtime.workdir: {small_tmpfs} has ")
+    assert "but the stages to run are predicted to write" in problems[0]
+    assert problems[0].endswith("free space there or pass --workdir on a larger disk")
+
+
+@pytest.mark.parametrize("device, workers, gpus, expected", [
+    ("auto", 4, 2, "runtime.train_workers: 4 training workers take one GPU each, but the cluster has 2 GPUs; "
+                   "set -o runtime.train_workers=2 (the minibatch is train.images_per_batch per worker) or add GPUs"),
+    ("cuda", 1, 0, "runtime.device: cuda, but the cluster has no GPU; set runtime.device: auto (or cpu), or join a "
+                   "cluster with GPUs (runtime.ray_address)"),
+    ("auto", 4, 0, None),  # no GPU: four CPU workers
+    ("cpu", 4, 2, None),  # device cpu asks for no GPU
+    ("auto", 2, 2, None),
+])
+def test_resource_problems(device, workers, gpus, expected):
+    from stages.contract import RuntimeConfig
+
+    runtime = RuntimeConfig(device=device, train_workers=workers)
+    assert resource_problems(runtime, gpus=gpus, where="the cluster") == ([expected] if expected else [])
+
+
+@pytest.fixture()
+def ray_with_two_gpus():
+    """A local Ray instance declaring two logical GPUs (no hardware needed)."""
+    import ray
+
+    ray.init(num_cpus=1, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def test_run_with_more_training_workers_than_gpus_stops_before_any_stage(ray_with_two_gpus, workdir, capsys):
+    rc = main(["run", "--config", "coco_ion", "--workdir", str(workdir)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.splitlines()[-1] == (
+        "error: runtime.train_workers: 4 training workers take one GPU each, but the Ray cluster (1 node, 1 CPUs, "
+        "2 GPUs) has 2 GPUs; set -o runtime.train_workers=2 (the minibatch is train.images_per_batch per worker) "
+        "or add GPUs")
+    assert not (workdir / "artifacts").exists()
+    assert main(["plan", "--config", "coco_ion", "--workdir", str(workdir)]) == 2
+    assert "problem: runtime.train_workers: 4 training workers" in capsys.readouterr().err
+
+
+def test_run_ends_with_predicted_against_measured_time(smoke_run):
+    # The session's smoke run started with no calibration: every stage says so, and is calibrated by it.
+    lines = smoke_run.report.predicted
+    assert lines[0] == "predicted vs measured time:"
+    assert [line.split()[0] for line in lines[1:]] == ["data", "proposals", "train", "detect", "tune", "evaluate"]
+    assert all(" predicted ?  measured " in line and line.endswith("(now calibrated)") for line in lines[1:])
+
+
+def test_unreachable_ray_cluster_is_one_line(workdir, capsys, monkeypatch):
+    import socket
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc = main(["plan", "--workdir", str(workdir), "-o", f"runtime.ray_address=127.0.0.1:{port}"])
+    problems = _problems(capsys.readouterr().err)
+    assert rc == 2 and len(problems) == 1
+    assert problems[0].startswith(f"problem: runtime.ray_address=127.0.0.1:{port}: cannot reach the Ray cluster (")
