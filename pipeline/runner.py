@@ -173,6 +173,7 @@ def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], 
     for line in estimate_lines(estimates):
         emit(line)
     tracker.flush_pending()  # what an earlier run could not send
+    tracker.close_abandoned()  # runs of a command killed with SIGKILL
 
     config_text = to_yaml(cfg)
     # Named for the config and the stages asked for: "smoke: all", "default: tune".
@@ -355,6 +356,7 @@ def format_summary(report: RunReport) -> str:
     if report.predicted:
         lines += ["", *report.predicted]
     if report.pending_records:
-        lines.append(f"         {report.pending_records} tracking record(s) not sent ({report.tracking_error}): kept "
+        why = f" ({report.tracking_error})" if report.tracking_error else ""
+        lines.append(f"         {report.pending_records} tracking record(s) not sent{why}: kept "
                      f"in {report.pending_path}, sent by the next run once MLflow answers")
     return "\n".join(lines)

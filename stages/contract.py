@@ -88,6 +88,7 @@ class TrainerOutcome:
     return_value: Any  # what the worker function returned on rank 0
     checkpoints: list[Any]  # KeptCheckpoint, oldest first
     latest: Optional[Any]  # KeptCheckpoint or None
+    interrupted: Optional[str] = None  # the workers stopped on a stop request: where (latest holds that update)
 
 
 class TrainSession(Protocol):
@@ -110,6 +111,9 @@ class TrainSession(Protocol):
 
     def report_progress(self, done: int, total: int, images_per_iteration: int = 1) -> None:
         """`done` of `total` iterations finished: the driver prints progress lines (rank 0 only reports)."""
+
+    def should_stop(self) -> bool:
+        """ion/engine's should_stop: the driver got SIGTERM/SIGINT (finish this update, checkpoint, stop)."""
 
 
 class StageContext(Protocol):
@@ -151,5 +155,8 @@ class StageContext(Protocol):
     def run_trainer(self, worker_fn: Callable[..., Any], worker_config: dict[str, Any],
                     setup: TrainerSetup) -> TrainerOutcome:
         """Run `worker_fn(session: TrainSession, **worker_config)` on setup.num_workers workers;
-        the session's log_metrics reaches this stage's MLflow run while it trains."""
+        the session's log_metrics reaches this stage's MLflow run while it trains. A
+        SIGTERM/SIGINT to the driver (the first) makes the workers stop after
+        their current update with a checkpoint of it: the outcome's
+        `interrupted` says so (stages/helpers/worker_resume.py keeps it and raises)."""
 

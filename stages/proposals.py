@@ -76,6 +76,9 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
         if not rpn_path.exists():
             metrics.update(train_rpn_stage(pcfg.rpn, data_dir=Path(inputs["data"]), path=rpn_path, out=out,
                                            seed=cfg.seed, ctx=ctx))
+            if metrics["rpn_started_at"]:
+                summary.append(f"proposals: RPN trained {int(metrics['rpn_iterations'])} iterations, resumed at "
+                               f"iteration {int(metrics['rpn_started_at'])}")
         settings["rpn"] = {"weights": str(rpn_path), "cfg": pcfg.rpn}
     if "selective_search" in groups:
         ss = pcfg.selective_search

@@ -36,7 +36,7 @@ from ion.modeling.config import ModelConfig
 from ion.schema import Origin, build
 from proposals.store import ProposalStore
 from stages.contract import StageContext, StageResult, TrainerSetup
-from stages.helpers.worker_resume import worker_start
+from stages.helpers.worker_resume import keep_checkpoints, worker_start
 
 NAME = "train"
 VERSION = "1"
@@ -174,7 +174,7 @@ def train_worker(session, *, cfg, data_dir: str, proposal_files: list[str], fall
                             log_metrics=lambda step, record: session.log_metrics(_loggable(record), step=step),
                             on_iteration=lambda done: session.report_progress(done, total,
                                                                               cfg.train.images_per_batch),
-                            rank=session.rank, world_size=session.world_size)
+                            should_stop=session.should_stop, rank=session.rank, world_size=session.world_size)
     return {"iterations": result.iterations, "seconds": result.seconds, "images_per_s": result.images_per_s,
             "started_at": result.start_iteration}
 
@@ -193,11 +193,7 @@ def _run_ray(cfg, *, ctx: StageContext, inputs: dict[str, Path], out: Path, file
         outcome = ctx.run_trainer(train_worker, worker_config, setup)
     except NonFiniteLossError as err:
         raise UserError(non_finite_message(str(err))) from None
-    for kept in outcome.checkpoints:
-        if kept.phase_end:
-            kept.copy_to(files.phase_path(kept.phase_index, kept.phase_name))
-    if outcome.latest is not None:
-        outcome.latest.copy_to(files.last)
+    keep_checkpoints(outcome, files)
     return outcome.return_value, files.latest()
 
 

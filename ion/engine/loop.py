@@ -189,7 +189,8 @@ def train(*, model: nn.Module, phases: Sequence[PhaseSpec], num_images: int,
     images_per_s, phase) and at each phase end; on_iteration(iteration) after
     every update. should_stop() is asked after every update: True (a SIGTERM)
     writes a checkpoint there and raises Interrupted, so a rerun resumes at that
-    update. `resume`: a checkpoint state to continue from exactly.
+    update (with several workers, any worker's True stops every one after that
+    same update). `resume`: a checkpoint state to continue from exactly.
     With world_size > 1, torch.distributed must be initialised; every worker
     calls this with the same arguments but its rank, and every worker calls the
     callbacks (a Ray Train report is a barrier); only rank 0 need store.
@@ -267,11 +268,14 @@ def train(*, model: nn.Module, phases: Sequence[PhaseSpec], num_images: int,
                         f"non-finite gradient norm ({grad_norm}) at {where}); losses summed over this worker's "
                         f"images: {_format_terms(losses)}; stopped before the update; last good checkpoint: "
                         f"{last_saved}")
-                losses = _sum_across_workers(losses, world_size)
-                _accumulate(window, losses, grad_norm=grad_norm, images=images_per_batch)
                 pos.advance(phases)
                 if on_iteration is not None:
                     on_iteration(pos.iteration)
+                # Asked here so that the workers' answers travel with the loss sums:
+                # every worker stops after the same update, none waits in a collective.
+                stopping = should_stop is not None and should_stop()
+                losses, stopping = _sum_across_workers(losses, world_size, stopping)
+                _accumulate(window, losses, grad_norm=grad_norm, images=images_per_batch)
                 phase_end = pos.phase_index != p
                 if pos.iteration % log_every == 0 or phase_end:
                     record = window.record(iteration=pos.iteration, phase_index=p, lr=lr)
@@ -279,7 +283,6 @@ def train(*, model: nn.Module, phases: Sequence[PhaseSpec], num_images: int,
                     window = _Window()
                     if log_metrics is not None:
                         log_metrics(pos.iteration, record)
-                stopping = should_stop is not None and should_stop()
                 if pos.iteration % checkpoint_every == 0 or phase_end or stopping:
                     state = _checkpoint_state(model=model, optimizer=optimizer, scaler=scaler, pos=pos,
                                               phases=phases, seed=seed, num_images=num_images,
@@ -405,16 +408,18 @@ def _stop_if_any_worker_failed(failure: Optional[str], *, rank: int, world_size:
         raise NonFiniteLossError(f"{message[0]} (on worker {src})")
 
 
-def _sum_across_workers(losses: dict[str, float], world_size: int) -> dict[str, float]:
-    """Loss sums of this update over all workers' images (every worker gets them)."""
+def _sum_across_workers(losses: dict[str, float], world_size: int, stop: bool) -> tuple[dict[str, float], bool]:
+    """Loss sums of this update over all workers' images (every worker gets
+    them), and whether any worker was asked to stop (one all-reduce for both)."""
     if world_size == 1:
-        return losses
+        return losses, stop
     keys = sorted(losses)
-    sums = torch.tensor([losses[k] for k in keys], dtype=torch.float64)
+    sums = torch.tensor([losses[k] for k in keys] + [1.0 if stop else 0.0], dtype=torch.float64)
     if dist.get_backend() == "nccl":
         sums = sums.cuda()
     dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    return dict(zip(keys, sums.cpu().tolist()))
+    values = sums.cpu().tolist()
+    return dict(zip(keys, values[:-1])), values[-1] > 0
 
 
 def _accumulate(window: _Window, losses: dict[str, float], *, grad_norm: float, images: int) -> None:

@@ -35,10 +35,9 @@ import ray
 from ion.errors import UserError
 from pipeline import PROJECT_ROOT
 from pipeline.execution.progress import Progress
-from pipeline.tracking.uri import TRACKING_URI_ENV, tracking_uri_for
+from pipeline.tracking.uri import TRACKING_URI_ENV, WORKDIR_ENV, tracking_uri_for
 from stages.contract import RuntimeConfig
 
-WORKDIR_ENV = "ION_WORKDIR"
 # Ray >= 2.5x turns token authentication on for every new local instance and
 # warns about it on each start ("Token authentication is enabled for this Ray
 # cluster. Set RAY_AUTH_MODE=disabled to opt out."). Token auth is what we want
@@ -115,7 +114,25 @@ def init_ray(runtime: RuntimeConfig, *, tracking_uri: str | None = None) -> bool
     # Say which cluster the run went to: a wrong RAY_ADDRESS left in the shell
     # would otherwise run everything somewhere unexpected without a word.
     print(f"ray: joined the cluster at {address} ({source}): {cluster_summary()}", flush=True)
+    problem = tracking_problem(env[TRACKING_URI_ENV], sum(1 for node in ray.nodes() if node.get("Alive")))
+    if problem:
+        ray.shutdown()
+        raise UserError(problem)
     return True
+
+
+def tracking_problem(tracking_uri: str, nodes: int) -> str | None:
+    """Why `tracking_uri` cannot serve a cluster of `nodes` nodes, or None.
+
+    A sqlite store is written by the driver and by the training workers' rank 0,
+    which may run on another node: SQLite's locking does not hold over NFS and
+    other shared file systems, so a cluster needs a tracking server."""
+    if nodes <= 1 or not tracking_uri.startswith("sqlite:"):
+        return None
+    return (f"{TRACKING_URI_ENV}={tracking_uri}: a sqlite store cannot be shared by the {nodes} nodes of the Ray "
+            "cluster (SQLite is unsafe on shared storage); start `mlflow server --backend-store-uri "
+            "sqlite:///<path on one machine> --host 0.0.0.0 --port 5000` on one machine and set "
+            f"{TRACKING_URI_ENV}=http://<that machine>:5000")
 
 
 @contextlib.contextmanager

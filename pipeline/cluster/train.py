@@ -47,7 +47,7 @@ import torch
 from ion.atomic import atomic_path, write_json_atomic
 from ion.engine.checkpoint import CheckpointEvent, load_checkpoint, write_checkpoint
 from ion.engine.loop import NonFiniteLossError
-from ion.errors import UserError
+from ion.errors import Interrupted, UserError
 from pipeline.cluster.tasks import cluster_gpus, init_ray
 from pipeline.execution.progress import Progress
 from stages.contract import RuntimeConfig, TrainerOutcome, TrainerSetup
@@ -100,12 +100,19 @@ def use_ray_train(runtime: RuntimeConfig, workers: Optional[int] = None) -> tupl
 
 
 def run_trainer(worker_fn: Callable[..., Any], worker_config: dict[str, Any], setup: TrainerSetup,
-                runtime: Optional[RuntimeConfig] = None, mlflow_run_id: Optional[str] = None) -> TrainerOutcome:
+                runtime: Optional[RuntimeConfig] = None, mlflow_run_id: Optional[str] = None,
+                should_stop: Optional[Callable[[], bool]] = None) -> TrainerOutcome:
     """Run `worker_fn(session, **worker_config)` under a TorchTrainer.
 
     The workers' `session.log_metrics` goes to the MLflow run `mlflow_run_id`
     (nowhere when None); their `session.report_progress` is printed here as
     progress lines named `setup.name`.
+
+    `should_stop` (the driver's SIGTERM/SIGINT flag) is polled here; once it
+    is True the workers finish their current update, rank 0 reports a
+    checkpoint of it and they return: the outcome's `interrupted` says where.
+    The request reaches them as a file in the storage directory (a cluster's
+    nodes share it: Ray Train keeps its checkpoints there).
 
     worker_fn must be importable by the workers (a module-level function).
     A non-finite loss stops every worker at once and is raised here as
@@ -120,10 +127,12 @@ def run_trainer(worker_fn: Callable[..., Any], worker_config: dict[str, Any], se
     setup.storage_dir.mkdir(parents=True, exist_ok=True)
     progress_file = setup.storage_dir / f"{setup.name}.progress.json"
     progress_file.unlink(missing_ok=True)  # an earlier run's
+    stop_file = setup.storage_dir / f"{setup.name}.stop"
+    stop_file.unlink(missing_ok=True)  # an earlier, interrupted run's request
     trainer = ray.train.torch.TorchTrainer(
         _worker_entry,
         train_loop_config={"fn": worker_fn, "config": worker_config, "mlflow_run_id": mlflow_run_id,
-                           "progress_file": str(progress_file)},
+                           "progress_file": str(progress_file), "stop_file": str(stop_file)},
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if setup.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=setup.num_workers, use_gpu=setup.use_gpu,
                                                resources_per_worker=_worker_resources(setup)),
@@ -136,8 +145,13 @@ def run_trainer(worker_fn: Callable[..., Any], worker_config: dict[str, Any], se
                 checkpoint_score_order="max"),
         ),
     )
+    # Ray Train installs its own SIGINT handler in fit() (abort the run at once,
+    # no checkpoint) and leaves it there; the CLI's (pipeline/stopping.py) must
+    # stay: the first Ctrl-C finishes the update with a checkpoint, a second stops.
+    if hasattr(trainer, "_register_sigint_handler"):
+        trainer._register_sigint_handler = lambda controller: None
     try:
-        with _ProgressPrinter(progress_file, desc=setup.name):
+        with _ProgressPrinter(progress_file, desc=setup.name, should_stop=should_stop, stop_file=stop_file):
             result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         raise _worker_error(err) from err
@@ -146,12 +160,13 @@ def run_trainer(worker_fn: Callable[..., Any], worker_config: dict[str, Any], se
         raise NonFiniteLossError(value["non_finite"])
     if isinstance(value, dict) and "user_error" in value:
         raise UserError(value["user_error"])
+    interrupted = value.get("interrupted") if isinstance(value, dict) else None
     kept = [_reported(ckpt, metrics) for ckpt, metrics in (result.best_checkpoints or [])]
     kept.sort(key=lambda c: (c.iteration, c.phase_end))
     latest = None
     if result.checkpoint is not None:
         latest = next((c for c in kept if c.checkpoint.path == result.checkpoint.path), None)
-    return TrainerOutcome(return_value=value, checkpoints=kept, latest=latest)
+    return TrainerOutcome(return_value=value, checkpoints=kept, latest=latest, interrupted=interrupted)
 
 
 def _worker_resources(setup: TrainerSetup) -> dict[str, float]:
@@ -187,10 +202,15 @@ def _worker_error(err: Exception) -> Exception:
 
 class _ProgressPrinter:
     """While Ray Train runs: read the progress file rank 0 writes
-    ({"done", "total", "images_per_iteration"}) and print progress lines."""
+    ({"done", "total", "images_per_iteration"}) and print progress lines; pass
+    a stop request on (write `stop_file` once `should_stop()` is True)."""
 
-    def __init__(self, path: Path, *, desc: str) -> None:
+    def __init__(self, path: Path, *, desc: str, should_stop: Optional[Callable[[], bool]] = None,
+                 stop_file: Optional[Path] = None) -> None:
         self._path = path
+        self._should_stop = should_stop
+        self._stop_file = stop_file
+        self._stop_sent = False
         self._desc = desc
         self._stop = threading.Event()
         self._bar: Optional[Progress] = None
@@ -209,6 +229,9 @@ class _ProgressPrinter:
 
     def _poll(self) -> None:
         while not self._stop.wait(_PROGRESS_POLL_S):
+            if not self._stop_sent and self._should_stop is not None and self._should_stop():
+                write_json_atomic(self._stop_file, {"requested": time.time()})
+                self._stop_sent = True
             self._read()
 
     def __enter__(self) -> "_ProgressPrinter":
@@ -227,7 +250,8 @@ class WorkerSession:
     """What a Ray Train worker needs: rank, world size, device, resume state,
     checkpoint reports, live metrics and progress."""
 
-    def __init__(self, *, mlflow_run_id: Optional[str] = None, progress_file: Optional[str] = None) -> None:
+    def __init__(self, *, mlflow_run_id: Optional[str] = None, progress_file: Optional[str] = None,
+                 stop_file: Optional[str] = None) -> None:
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
@@ -237,6 +261,12 @@ class WorkerSession:
         self._logged_up_to: Optional[int] = None
         self._progress_file = Path(progress_file) if progress_file else None
         self._progress_written = 0.0
+        self._stop_file = Path(stop_file) if stop_file else None
+
+    def should_stop(self) -> bool:
+        """ion/engine's should_stop: rank 0 reads the driver's stop request (the
+        engine spreads its answer to every worker with the update's loss sums)."""
+        return self.rank == 0 and self._stop_file is not None and self._stop_file.exists()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Rank 0 logs `metrics` at `step` to the stage's MLflow run at once.
@@ -246,7 +276,7 @@ class WorkerSession:
         if self.rank != 0 or self._run_id is None or not metrics:
             return
         if self._run is None:
-            from pipeline.tracking.client import run_by_id  # mlflow only where it is used: rank 0
+            from pipeline.tracking.worker import run_by_id  # mlflow only where it is used: rank 0
             self._run = run_by_id(self._run_id)
             self._logged_up_to = self._run.last_step(next(iter(metrics)))
         if self._logged_up_to is not None and step <= self._logged_up_to:
@@ -293,13 +323,16 @@ class WorkerSession:
 
 def _worker_entry(config: dict[str, Any]) -> Any:
     """TorchTrainer's train_loop_per_worker: run the stage's worker function.
-    A non-finite loss (raised on every worker together, ion/engine/) and a
-    user error (bad config, a bad init_from file) are returned rather than
+    A stop request (the driver's SIGTERM), a non-finite loss (raised on every
+    worker together, ion/engine/) and a user error (bad config, a bad init_from file) are returned rather than
     raised, so Ray Train does not retry them: they would come back on every
     retry. A worker that dies is retried (FailureConfig)."""
-    session = WorkerSession(mlflow_run_id=config.get("mlflow_run_id"), progress_file=config.get("progress_file"))
+    session = WorkerSession(mlflow_run_id=config.get("mlflow_run_id"), progress_file=config.get("progress_file"),
+                            stop_file=config.get("stop_file"))
     try:
         return config["fn"](session, **config["config"])
+    except Interrupted as err:  # the driver's stop request, after the checkpoint of this update
+        return {"interrupted": str(err)}
     except NonFiniteLossError as err:
         return {"non_finite": str(err)}
     except UserError as err:

@@ -87,6 +87,17 @@ class RunContext:
     def run_trainer(self, worker_fn: Callable[..., Any], worker_config: dict[str, Any],
                     setup: TrainerSetup) -> TrainerOutcome:
         from pipeline.cluster.train import run_trainer
-        # Rank 0 logs the losses to this stage's MLflow run while it trains.
-        return run_trainer(worker_fn, worker_config, setup, runtime=self.runtime,
-                           mlflow_run_id=getattr(self._run, "run_id", None))
+        # Rank 0 logs the losses to this stage's MLflow run while it trains;
+        # SIGTERM/SIGINT: the workers finish the current update, checkpoint it, stop.
+        pending = getattr(self._run, "pending", None)
+        before = pending.count() if pending is not None else 0
+        try:
+            with self._stops.graceful() as should_stop:
+                return run_trainer(worker_fn, worker_config, setup, runtime=self.runtime,
+                                   mlflow_run_id=getattr(self._run, "run_id", None), should_stop=should_stop)
+        finally:
+            # The workers queue what the store did not take; they cannot print (Ray keeps their output).
+            waiting = pending.count() if pending is not None else 0
+            if waiting > before:
+                print(f"tracking: {waiting} record(s) wait in {pending.path} (MLflow did not take the training "
+                      "workers' metrics); the end of this run or the next command sends them", flush=True)

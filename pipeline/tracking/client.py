@@ -20,10 +20,8 @@ stages: what they log is kept in `<workdir>/mlflow_pending.jsonl`
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import os
 import re
 import sqlite3
 import time
@@ -45,11 +43,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from ion.errors import UserError
 from ion.schema import flatten
 from pipeline.tracking.code_version import code_version
-from pipeline.tracking.pending import PendingRecords
+from pipeline.tracking.pending import PendingRecords, Rejected, Replayed
+from pipeline.tracking.run_owner import OWNER_TAG, is_gone, this_process
+from pipeline.tracking.sqlite_store import drop_migration_leftovers
 from pipeline.tracking.uri import MLFLOW_DB, TRACKING_URI_ENV, tracking_uri_for
 
 __all__ = ["FAILED", "FINISHED", "KILLED", "TrackedRun", "Tracker", "download_artifacts", "experiment_name",
-           "run_by_id", "tracking_uri_for", "ui_hint"]
+           "tracking_uri_for", "ui_hint"]
 
 ARTIFACTS_DIR = "mlartifacts"
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
@@ -108,7 +108,20 @@ def _now_ms() -> int:
 OFFLINE_PREFIX = "offline-"
 # What a store that does not answer raises: MLflow's own errors, the HTTP
 # client's (retries exhausted), the OS's (a sqlite file that went away).
-_STORE_ERRORS = (MlflowException, SQLAlchemyError, requests.RequestException, OSError)
+STORE_ERRORS = (MlflowException, SQLAlchemyError, requests.RequestException, OSError)
+# What a store answers for a record it will never take (its run was deleted in
+# the UI, the store was moved aside and started anew, a param logged twice with
+# two values): set aside, not retried.
+_REFUSED_FOR_GOOD = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "INVALID_STATE", "BAD_REQUEST"}
+
+
+def _refused_for_good(err: Exception) -> bool:
+    return isinstance(err, MlflowException) and err.error_code in _REFUSED_FOR_GOOD
+
+
+def first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:200]
 _PROBE_TIMEOUT_S = 5.0
 
 
@@ -119,6 +132,11 @@ class TrackedRun:
         self._tracker = tracker
         self.run_id = run_id
 
+    @property
+    def pending(self) -> PendingRecords:
+        """The queue its records go to when the store does not answer."""
+        return self._tracker.pending
+
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         stamp = _now_ms()
         rows = [[mlflow_key(k), float(v), stamp, step or 0] for k, v in metrics.items()]
@@ -127,9 +145,10 @@ class TrackedRun:
                                 "metrics": rows[start:start + _MAX_METRICS_PER_BATCH]})
 
     def last_step(self, key: str) -> int | None:
-        """The highest step logged for metric `key` in this run, None when none is."""
-        history = self._tracker._client.get_metric_history(self.run_id, mlflow_key(key))
-        return max((m.step for m in history), default=None)
+        """The highest step logged for metric `key` in this run; None when none
+        is, or when the store does not answer (then what is logged is queued,
+        marked to skip the steps the run holds when it is replayed)."""
+        return self._tracker.last_step(self.run_id, mlflow_key(key))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Nested values are flattened to dotted keys; values are clipped to MLflow's length limit."""
@@ -195,37 +214,6 @@ class TrackedRun:
         self._tracker.send({"op": "terminate", "run": self.run_id, "status": status, "end": _now_ms()})
 
 
-def run_by_id(run_id: str) -> TrackedRun:
-    """An existing run, from another process (a Ray Train worker): the store is
-    MLFLOW_TRACKING_URI, which pipeline/cluster/tasks.py gives every Ray worker."""
-    uri = os.environ.get(TRACKING_URI_ENV)
-    if not uri:
-        raise RuntimeError(f"{TRACKING_URI_ENV} is not set in this worker "
-                           "(pipeline/cluster/tasks.py's runtime env sets it)")
-    return TrackedRun(_WorkerStore(MlflowClient(tracking_uri=uri)), run_id)
-
-
-class _WorkerStore:
-    """What a run opened in a training worker sends its metrics through: straight
-    to the store. A live point the store does not take is dropped with a warning
-    rather than stop training; the checkpoints keep the whole history."""
-
-    def __init__(self, client: MlflowClient) -> None:
-        self._client = client
-        self._warned = False
-
-    def send(self, record: dict[str, Any]) -> None:
-        if record["op"] != "metrics":
-            raise ValueError(f"a training worker logs metrics only, not {record['op']!r}")
-        try:
-            self._client.log_batch(record["run"], metrics=[Metric(key=k, value=v, timestamp=t, step=s)
-                                                           for k, v, t, s in record["metrics"]])
-        except _STORE_ERRORS as err:
-            if not self._warned:
-                print(f"warning: live training metrics not sent to MLflow ({err}); training goes on", flush=True)
-                self._warned = True
-
-
 class Tracker:
     """The MLflow side of one `pipeline run` invocation.
 
@@ -242,6 +230,8 @@ class Tracker:
         self.text_dir = self._workdir / "mlflow_texts"
         self.offline_error: str | None = None  # why records are being kept instead of sent
         self._real_ids: dict[str, str] = {}  # offline run id -> the id MLflow gave it when replayed
+        self._experiments: dict[str, str] = {}  # name -> id, of the experiments replayed records go to
+        self._logged_steps: dict[tuple[str, str], set[int]] = {}  # (run, key) -> steps it holds, while replaying
         self._config_file = config_file
 
     # ------------------------------------------------------------------ the store
@@ -265,7 +255,7 @@ class Tracker:
     @functools.cached_property
     def common_tags(self) -> dict[str, str]:
         """Tags of every run: the code version and the config file's sha256."""
-        tags = {CODE_VERSION_TAG: code_version()}
+        tags = {CODE_VERSION_TAG: code_version(), OWNER_TAG: this_process()}
         if self._config_file is not None and Path(self._config_file).is_file():
             tags[CONFIG_SHA_TAG] = hashlib.sha256(Path(self._config_file).read_bytes()).hexdigest()
             tags["config_file"] = str(self._config_file)
@@ -288,7 +278,7 @@ class Tracker:
             except (MlflowException, SQLAlchemyError) as err:
                 failure = err
             try:
-                repaired = _drop_migration_leftovers(self._workdir / MLFLOW_DB)
+                repaired = drop_migration_leftovers(self._workdir / MLFLOW_DB)
             except sqlite3.Error:  # not a sqlite database at all
                 repaired = False
             if not repaired:
@@ -314,16 +304,32 @@ class Tracker:
     def _local(self) -> bool:
         return self.tracking_uri == f"sqlite:///{self._workdir / MLFLOW_DB}"
 
-    @functools.cached_property
+    @property
     def experiment_id(self) -> str:
-        # With the default sqlite store, artifacts go beside it in the workdir (MLflow's
-        # own default is ./mlruns in whatever directory the command ran from).
-        artifact_uri = (self._workdir / ARTIFACTS_DIR).as_uri() if self._local else None
-        return self._experiment(self.experiment_name, artifact_uri)
+        return self._experiment_id(self.experiment_name)
 
     def known_experiment_id(self) -> str | None:
         """The experiment's id when the store gave it (None for a run that stayed offline)."""
-        return self.__dict__.get("experiment_id")
+        return self._experiments.get(self.experiment_name)
+
+    def _experiment_id(self, name: str) -> str:
+        if name not in self._experiments:
+            # With the default sqlite store, artifacts go beside it in the workdir (MLflow's
+            # own default is ./mlruns in whatever directory the command ran from).
+            artifact_uri = (self._workdir / ARTIFACTS_DIR).as_uri() if self._local else None
+            self._experiments[name] = self._experiment(name, artifact_uri)
+        return self._experiments[name]
+
+    def last_step(self, run_id: str, key: str) -> int | None:
+        """The highest step of metric `key` in run `run_id`; None when there is none or the store does not answer."""
+        if self.offline_error is not None or run_id.startswith(OFFLINE_PREFIX):
+            return None
+        try:
+            history = self._client.get_metric_history(run_id, key)
+        except STORE_ERRORS as err:
+            self._go_offline(err)
+            return None
+        return max((m.step for m in history), default=None)
 
     def _experiment(self, name: str, artifact_uri: str | None) -> str:
         found = self._client.get_experiment_by_name(name)
@@ -346,12 +352,13 @@ class Tracker:
 
     def _create(self, name: str, tags: Mapping[str, Any]) -> TrackedRun:
         record = {"op": "create_run", "run": OFFLINE_PREFIX + uuid.uuid4().hex, "name": name,
+                  "experiment": self.experiment_name,
                   "tags": {k: _clip(str(v), MAX_TAG_VAL_LENGTH) for k, v in {**self.common_tags, **tags}.items()},
                   "start": _now_ms()}
         if self.offline_error is None:
             try:
                 return TrackedRun(self, self._apply(record))
-            except _STORE_ERRORS as err:
+            except STORE_ERRORS as err:
                 self._go_offline(err)
         self.pending.append(record)
         return TrackedRun(self, record["run"])
@@ -376,24 +383,66 @@ class Tracker:
             try:
                 self._apply(record)
                 return
-            except _STORE_ERRORS as err:
+            except STORE_ERRORS as err:
                 self._go_offline(err)
         self.pending.append(record)
 
     def _go_offline(self, err: Exception) -> None:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        self.offline_error = first[:200]
+        self.offline_error = first_line(err)
         print(f"warning: MLflow at {self.tracking_uri} does not answer ({self.offline_error}); the stages go on "
               f"and their tracking records are kept in {self.pending.path}", flush=True)
 
     def flush_pending(self) -> int:
-        """Send the kept records (a server back up, a store unlocked); the number still pending."""
-        if not self.pending.count():
+        """Send the kept records (a server back up, a store unlocked); the number
+        still pending. Records the store refuses for good are set aside (one line
+        says so); the rest is sent. Never raises for a store that does not answer."""
+        if not self.pending.path.is_file():
+            return 0
+        self._logged_steps.clear()
+        try:
+            done = self.pending.replay(self._replay_one)
+        except (UserError, *STORE_ERRORS) as err:  # a store that cannot even be opened now
+            self._go_offline(err)
+            return self.pending.count()
+        self._report(done)
+        return done.left
+
+    def close_abandoned(self) -> int:
+        """Mark KILLED this experiment's RUNNING runs whose command was killed
+        (SIGKILL, pipeline/tracking/run_owner.py); how many. Never raises for a store that does not answer."""
+        if self.offline_error is not None:
             return 0
         try:
-            return self.pending.replay(self._apply)
-        except _STORE_ERRORS:
-            return self.pending.count()
+            runs = self._client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
+            gone = [r.info.run_id for r in runs if is_gone(r.data.tags.get(OWNER_TAG, ""))]
+            for run_id in gone:
+                self._client.set_tag(run_id, "error", "its command was killed (no clean-up ran)")
+                self._client.set_terminated(run_id, status=KILLED)
+        except (UserError, *STORE_ERRORS) as err:
+            self._go_offline(err)
+            return 0
+        return len(gone)
+
+    def _report(self, done: Replayed) -> None:
+        if done.rejected:
+            print(f"warning: MLflow refused {done.rejected} kept tracking record(s) for good (first: "
+                  f"{done.first_rejection}); set aside in {self.pending.rejected_path}, the rest was sent",
+                  flush=True)
+        if done.torn:
+            print(f"warning: dropped {done.torn} torn line(s) of {self.pending.path} (a writer was killed "
+                  "mid-line)", flush=True)
+
+    def _replay_one(self, record: dict[str, Any], ids: dict[str, str]) -> None:
+        """Send one kept record (pipeline/tracking/pending.py's replay): Rejected when the store refuses it for good."""
+        self._real_ids.update(ids)
+        try:
+            self._apply(record)
+        except STORE_ERRORS as err:
+            if _refused_for_good(err):
+                raise Rejected(first_line(err)) from None
+            raise
+        finally:
+            ids.update(self._real_ids)
 
     def _apply(self, record: dict[str, Any]) -> str:
         """Do what one record says; the run's id (the real one for a replayed offline run)."""
@@ -404,15 +453,22 @@ class Tracker:
             parent = tags.get(MLFLOW_PARENT_RUN_ID)
             if parent is not None:
                 tags[MLFLOW_PARENT_RUN_ID] = self._real_ids.get(parent, parent)
-            created = self._client.create_run(self.experiment_id, start_time=record["start"], tags=tags,
+            experiment = self._experiment_id(record.get("experiment") or self.experiment_name)
+            created = self._client.create_run(experiment, start_time=record["start"], tags=tags,
                                               run_name=record["name"])
             self._real_ids[record["run"]] = created.info.run_id
             return created.info.run_id
-        if run.startswith(OFFLINE_PREFIX):
-            return run  # its create_run was lost with a torn line: nothing to attach it to
+        if run.startswith(OFFLINE_PREFIX):  # its create_run was lost with a torn line
+            raise Rejected(f"run {run} was never created (its create_run record was lost)")
         if op == "metrics":
-            self._client.log_batch(run, metrics=[Metric(key=k, value=v, timestamp=t, step=s)
-                                                 for k, v, t, s in record["metrics"]])
+            rows = record["metrics"]
+            if record.get("dedupe"):
+                rows = self._not_logged_yet(run, rows)
+            if rows:
+                self._client.log_batch(run, metrics=[Metric(key=k, value=v, timestamp=t, step=s)
+                                                     for k, v, t, s in rows])
+                for k, _, _, step in rows:
+                    self._logged_steps.get((run, k), set()).add(step)
         elif op == "params":
             self._client.log_batch(run, params=[Param(k, v) for k, v in record["items"]])
         elif op == "tags":
@@ -423,6 +479,8 @@ class Tracker:
                 self._client.log_artifacts(run, str(path), artifact_path=record["dir"])
             elif path.is_file():
                 self._client.log_artifact(run, str(path), artifact_path=record["dir"])
+            else:
+                raise Rejected(f"{path} is gone")
             if record.get("remove"):
                 _remove_tree(Path(record["remove"]))
         elif op in ("register", "version_tags"):
@@ -434,26 +492,19 @@ class Tracker:
             self._client.set_terminated(run, status=record["status"], end_time=record["end"])
         return run
 
+    def _not_logged_yet(self, run: str, rows: list) -> list:
+        """The rows whose (key, step) the run does not hold yet (a resumed worker logs its history again)."""
+        for key in {row[0] for row in rows}:
+            if (run, key) not in self._logged_steps:
+                self._logged_steps[(run, key)] = {m.step for m in self._client.get_metric_history(run, key)}
+        return [row for row in rows if row[3] not in self._logged_steps[(run, row[0])]]
+
 
 def _remove_tree(folder: Path) -> None:
     for path in sorted(folder.rglob("*"), reverse=True):
         path.rmdir() if path.is_dir() else path.unlink()
     folder.rmdir()
 
-
-def _drop_migration_leftovers(db: Path) -> bool:
-    """Drop the `_alembic_tmp_*` tables a schema migration killed halfway leaves
-    in a sqlite store (sqlite's ALTER TABLE is a copy into such a table); True when
-    there were any. The migration then runs again from the recorded version."""
-    if not db.is_file():
-        return False
-    with contextlib.closing(sqlite3.connect(db, timeout=30)) as con:
-        names = [row[0] for row in con.execute(
-            "SELECT name FROM sqlite_master WHERE type='table' AND name LIKE '\\_alembic\\_tmp\\_%' ESCAPE '\\'")]
-        for name in names:
-            con.execute(f'DROP TABLE "{name}"')
-        con.commit()
-    return bool(names)
 
 def download_artifacts(uri: str, dst: Path, *, tracking_uri: str) -> Path:
     """Download an artifact folder (`runs:/<run id>/model`, `models:/<name>/<version>`,

@@ -4,9 +4,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["MLFLOW_DB", "TRACKING_URI_ENV", "tracking_uri_for"]
+__all__ = ["MLFLOW_DB", "TRACKING_URI_ENV", "WORKDIR_ENV", "tracking_uri_for"]
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+WORKDIR_ENV = "ION_WORKDIR"  # the workdir, in every Ray worker (pipeline/cluster/tasks.py)
 MLFLOW_DB = "mlflow.db"
 
 

@@ -25,7 +25,7 @@ from proposals.rpn.config import RpnConfig
 from proposals.rpn.model import build_rpn, save_rpn
 from proposals.rpn.train import RpnImage, rpn_phases, rpn_state_dict, train_rpn
 from stages.contract import StageContext, TrainerSetup
-from stages.helpers.worker_resume import worker_start
+from stages.helpers.worker_resume import keep_checkpoints, worker_start
 
 CHECKPOINTS_DIR = "rpn_checkpoints"
 RAY_DIR = "rpn_ray"
@@ -69,12 +69,9 @@ def train_rpn_stage(rcfg: RpnConfig, *, data_dir: Path, path: Path, out: Path, s
                              max_failures=rcfg.max_failures, keep_checkpoints=len(rpn_phases(rcfg)) + 1)
         outcome = ctx.run_trainer(rpn_train_worker, {"rcfg": rcfg, "seed": seed, "data_dir": str(data_dir),
                                                      "fallback_resume": str(files.last)}, setup)
-        for kept in outcome.checkpoints:
-            if kept.phase_end:
-                kept.copy_to(files.phase_path(kept.phase_index, kept.phase_name))
-        if outcome.latest is not None:
-            outcome.latest.copy_to(files.last)
+        keep_checkpoints(outcome, files)
         images_per_s = float(outcome.return_value["images_per_s"])
+        started_at = int(outcome.return_value["started_at"])
     else:
         resume = files.latest()
         if resume is not None:  # this MLflow run gets the whole curve
@@ -93,13 +90,17 @@ def train_rpn_stage(rcfg: RpnConfig, *, data_dir: Path, path: Path, out: Path, s
                                on_iteration=lambda _: next(bar, None), should_stop=should_stop)
         for _ in bar:  # the closing progress line
             pass
-        images_per_s = result.images_per_s
+        images_per_s, started_at = result.images_per_s, result.start_iteration
+    if started_at:  # as the train stage says it
+        print(f"rpn training: resumed at iteration {started_at} of {rcfg.iterations} "
+              f"(from {files.last if not distributed else 'its Ray Train checkpoint'})", flush=True)
     state = files.latest()
     model = build_rpn(rcfg, load_imagenet=False)
     model.load_state_dict(rpn_state_dict(state))
     save_rpn(model, path, rcfg)
     history = state["history"]
-    return {"rpn_iterations": float(state["iteration"]), "rpn_images_per_s": images_per_s,
+    return {"rpn_iterations": float(state["iteration"]), "rpn_started_at": float(started_at),
+            "rpn_images_per_s": images_per_s,
             "rpn_final_loss": float(history[-1]["loss"]) if history else float("nan")}
 
 
@@ -115,7 +116,7 @@ def rpn_train_worker(session, *, rcfg: RpnConfig, seed: int, data_dir: str, fall
                        log_metrics=lambda step, record: session.log_metrics(loggable(record), step=step),
                        on_iteration=lambda done: session.report_progress(done, rcfg.iterations,
                                                                          rcfg.images_per_batch),
-                       rank=session.rank, world_size=session.world_size)
+                       should_stop=session.should_stop, rank=session.rank, world_size=session.world_size)
     return {"iterations": result.iterations, "images_per_s": result.images_per_s,
             "started_at": result.start_iteration}
 

@@ -1,4 +1,5 @@
-"""Where a training worker (ION or RPN, under Ray Train) starts from.
+"""Where a training worker (ION or RPN, under Ray Train) starts from, and what
+the stage keeps when it ends.
 
 Both training stages resume the same way: from Ray Train's latest checkpoint,
 or from the stage's own last.pt when that one is further along (a run that
@@ -11,8 +12,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ion.engine.checkpoint import load_checkpoint
-from stages.contract import TrainSession
+from ion.engine.checkpoint import CheckpointFiles, load_checkpoint
+from ion.errors import Interrupted
+from stages.contract import TrainerOutcome, TrainSession
 
 
 def worker_start(session: TrainSession, fallback: Path,
@@ -31,3 +33,16 @@ def worker_start(session: TrainSession, fallback: Path,
         for record in resume["history"]:
             session.log_metrics(loggable(record), step=int(record["iteration"]))
     return resume
+
+
+def keep_checkpoints(outcome: TrainerOutcome, files: CheckpointFiles) -> None:
+    """Copy the phase ends and the latest checkpoint Ray Train kept into the
+    stage's checkpoint files; then, when the workers stopped on a SIGTERM or
+    SIGINT, raise Interrupted (last.pt holds the update they stopped after)."""
+    for kept in outcome.checkpoints:
+        if kept.phase_end:
+            kept.copy_to(files.phase_path(kept.phase_index, kept.phase_name))
+    if outcome.latest is not None:
+        outcome.latest.copy_to(files.last)
+    if outcome.interrupted:
+        raise Interrupted(outcome.interrupted)

@@ -16,6 +16,7 @@ from pipeline.cluster.tasks import (
     init_ray,
     ray_map,
     shutdown_ray,
+    tracking_problem,
 )
 from pipeline.graph import build_graph, select_stages
 from pipeline.runner import run_stages
@@ -98,3 +99,15 @@ def test_an_unreachable_cluster_address_is_a_user_error():
         server.listen()
         check_reachable(f"127.0.0.1:{server.getsockname()[1]}", source="RAY_ADDRESS")
     check_reachable("auto", source="RAY_ADDRESS")  # no port: Ray resolves it
+
+
+def test_a_sqlite_store_is_refused_for_a_cluster_of_several_nodes_only():
+    """What init_ray checks once it has joined a cluster (the multi-node cluster
+    itself is not started here: a second Ray node costs more than the suite allows)."""
+    uri = "sqlite:////shared/work/mlflow.db"
+    assert tracking_problem(uri, nodes=1) is None
+    assert tracking_problem("http://10.0.0.1:5000", nodes=4) is None
+    assert tracking_problem(uri, nodes=3) == (
+        f"MLFLOW_TRACKING_URI={uri}: a sqlite store cannot be shared by the 3 nodes of the Ray cluster (SQLite is "
+        "unsafe on shared storage); start `mlflow server --backend-store-uri sqlite:///<path on one machine> "
+        "--host 0.0.0.0 --port 5000` on one machine and set MLFLOW_TRACKING_URI=http://<that machine>:5000")

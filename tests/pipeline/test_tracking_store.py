@@ -7,7 +7,8 @@ import sqlite3
 import pytest
 
 from ion.errors import UserError
-from pipeline.tracking.client import Tracker, _drop_migration_leftovers
+from pipeline.tracking.client import Tracker
+from pipeline.tracking.sqlite_store import drop_migration_leftovers
 
 
 def local_tracker(workdir):
@@ -19,11 +20,11 @@ def test_leftover_migration_tables_are_dropped(tmp_path):
     with sqlite3.connect(db) as con:
         con.execute("CREATE TABLE metrics (key TEXT)")
         con.execute("CREATE TABLE _alembic_tmp_metrics (key TEXT)")
-    assert _drop_migration_leftovers(db)
+    assert drop_migration_leftovers(db)
     with sqlite3.connect(db) as con:
         assert [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")] == ["metrics"]
-    assert not _drop_migration_leftovers(db)
-    assert not _drop_migration_leftovers(tmp_path / "absent.db")
+    assert not drop_migration_leftovers(db)
+    assert not drop_migration_leftovers(tmp_path / "absent.db")
 
 
 def test_a_store_that_is_not_a_database_is_one_line_with_the_fix(tmp_path):
