@@ -106,6 +106,11 @@ def test_predict_asks_its_cluster_for_gpus(tmp_path):
             self.calls.append((fn, list(items), gpu))
             return [[] for _ in items]
 
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"not decoded here")
     cluster = Recording()
-    assert _stream(["task-1", "task-2"], cluster, tmp_path / "detections.json", total=2, chunk=8) == 0
-    assert cluster.calls == [(predict_task, ["task-1", "task-2"], True)]  # Cluster.map applies runtime.device
+    out = tmp_path / "out"
+    assert _stream([(image, "a")], "the predictor", 0.5, cluster, out, chunk=8) == (0, [])
+    [(fn, tasks, gpu)] = cluster.calls
+    assert (fn, gpu) == (predict_task, True)  # Cluster.map applies runtime.device
+    assert [t.images[0][1:] for t in tasks] == [(str(image), b"not decoded here")]  # bytes travel with the task
