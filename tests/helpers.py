@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,3 +328,17 @@ def write_tiny_split(root: Path, *, num_images: int = 5) -> Path:
         "num_images": num_images}}, "categories": categories}))
     write_store(props / "mixed_train.h5", items, attrs={"source": "mix"})
     return root
+
+
+def run_gpu_bench(module: str, absent: tuple[str, ...], *args: str, timeout: int) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` from the project root, after checking that importing the
+    module loads none of `absent` (packages the GPU machine lacks); returns the finished run."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
+    check = f"import sys, {module}; print(sorted(m for m in {absent!r} if m in sys.modules))"
+    imported = subprocess.run([sys.executable, "-c", check], cwd=PROJECT_ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+    assert imported.returncode == 0 and imported.stdout.strip() == "[]", imported.stdout + imported.stderr
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=PROJECT_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

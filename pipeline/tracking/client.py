@@ -119,6 +119,11 @@ def _refused_for_good(err: Exception) -> bool:
     return isinstance(err, MlflowException) and err.error_code in _REFUSED_FOR_GOOD
 
 
+def highest_step(client: MlflowClient, run_id: str, key: str) -> int | None:
+    """The highest step of metric `key` in run `run_id` (None when it has none); raises STORE_ERRORS."""
+    return max((m.step for m in client.get_metric_history(run_id, key)), default=None)
+
+
 def first_line(err: Exception) -> str:
     text = str(err).strip()
     return (text.splitlines()[0] if text else type(err).__name__)[:200]
@@ -325,11 +330,10 @@ class Tracker:
         if self.offline_error is not None or run_id.startswith(OFFLINE_PREFIX):
             return None
         try:
-            history = self._client.get_metric_history(run_id, key)
+            return highest_step(self._client, run_id, key)
         except STORE_ERRORS as err:
             self._go_offline(err)
             return None
-        return max((m.step for m in history), default=None)
 
     def _experiment(self, name: str, artifact_uri: str | None) -> str:
         found = self._client.get_experiment_by_name(name)

@@ -17,7 +17,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
-from pipeline.tracking.client import OFFLINE_PREFIX, STORE_ERRORS, TrackedRun, first_line
+from pipeline.tracking.client import OFFLINE_PREFIX, STORE_ERRORS, TrackedRun, first_line, highest_step
 from pipeline.tracking.pending import PendingRecords
 from pipeline.tracking.uri import TRACKING_URI_ENV, WORKDIR_ENV
 
@@ -53,11 +53,10 @@ class _WorkerStore:
         if self.offline_error is not None or run_id.startswith(OFFLINE_PREFIX):
             return None
         try:
-            history = self._client.get_metric_history(run_id, key)
+            return highest_step(self._client, run_id, key)
         except STORE_ERRORS as err:
             self.offline_error = first_line(err)
             return None
-        return max((m.step for m in history), default=None)
 
     def send(self, record: dict[str, Any]) -> None:
         if record["op"] != "metrics":
