@@ -26,8 +26,9 @@ from pipeline.execution.stopping import NO_SIGNALS, StopSignals
 from pipeline.graph import SHORT_KEY, Stage, cache_materials
 from pipeline.plan.observe import StageMeter, comparison_lines, estimate_lines, record_stage, run_estimates
 from pipeline.plan.resources import TRAIN_STAGE, check_resources
-from pipeline.tracking.client import CODE_VERSION_TAG, FAILED, FINISHED, KILLED, TrackedRun, Tracker, ui_hint
+from pipeline.tracking.client import CODE_VERSION_TAG, FAILED, FINISHED, KILLED, TrackedRun, Tracker
 from pipeline.tracking.registry import registered_model_name
+from pipeline.tracking.uri import ui_hint
 from stages.contract import StageResult
 
 PLOTS_DIR = "plots"

@@ -346,7 +346,8 @@ def _run_variants(session: Any, variants: Sequence[Variant], ref: Variant, stage
                   selected: Sequence[Any], *, overrides: Sequence[str], workdir: Path | None, stages_spec: str,
                   command: str) -> list[Row]:
     from pipeline.runner import check_upstream, format_summary
-    from pipeline.tracking.client import FINISHED, experiment_name
+    from pipeline.tracking.client import FINISHED
+    from pipeline.tracking.uri import experiment_name
 
     root = session.workdir
     store = ArtifactStore(root)

@@ -180,8 +180,8 @@ def _from_workdir(cfg: Any, args: argparse.Namespace):
 def _from_mlflow(uri: str, tracking_uri: str, into: Path):
     """(Predictor, notes) from an MLflow model the train stage logged (pipeline/tracking/model.py)."""
     from pipeline.commands.predict_images import make_predictor
-    from pipeline.tracking.client import download_artifacts
     from pipeline.tracking.model import ARTIFACT_CONFIG, ARTIFACT_MODEL_JSON, ARTIFACT_RPN, config_of, model_files
+    from pipeline.tracking.registry import download_artifacts
 
     files, best = model_files(download_artifacts(uri, into / "model", tracking_uri=tracking_uri))
     if ARTIFACT_MODEL_JSON not in files or ARTIFACT_CONFIG not in files:

@@ -46,10 +46,9 @@ from pipeline.tracking.code_version import code_version
 from pipeline.tracking.pending import PendingRecords, Rejected, Replayed
 from pipeline.tracking.run_owner import OWNER_TAG, is_gone, this_process
 from pipeline.tracking.sqlite_store import drop_migration_leftovers
-from pipeline.tracking.uri import MLFLOW_DB, TRACKING_URI_ENV, tracking_uri_for
+from pipeline.tracking.uri import MLFLOW_DB, TRACKING_URI_ENV, experiment_name, tracking_uri_for
 
-__all__ = ["FAILED", "FINISHED", "KILLED", "TrackedRun", "Tracker", "download_artifacts", "experiment_name",
-           "tracking_uri_for", "ui_hint"]
+__all__ = ["FAILED", "FINISHED", "KILLED", "TrackedRun", "Tracker", "tracking_uri_for"]
 
 ARTIFACTS_DIR = "mlartifacts"
 FINISHED, FAILED, KILLED = "FINISHED", "FAILED", "KILLED"
@@ -57,32 +56,6 @@ CODE_VERSION_TAG = "code_version"
 CONFIG_SHA_TAG = "config_sha256"
 # MLflow 3's UI opens an experiment on the view its kind names; this one holds training runs.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
-
-
-# Prefixed so that no experiment of ours reads like MLflow's own "Default" (a config named default).
-EXPERIMENT_PREFIX = "ion-"
-UI_PORT = 5000  # `mlflow ui`'s default port
-
-
-def experiment_name(name: str) -> str:
-    """The MLflow experiment of config (or command) `name`: ion-<name>."""
-    return f"{EXPERIMENT_PREFIX}{name}"
-
-
-def runs_url(base: str, experiment_id: str) -> str:
-    """The MLflow UI page of an experiment's runs table (MLflow 3 opens on an overview otherwise)."""
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
-
-
-def ui_hint(tracking_uri: str, experiment_id: str | None = None) -> str:
-    """The line that shows the runs: an `mlflow ui` command and the runs table's address,
-    or the server's."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return f"open {runs_url(tracking_uri, experiment_id) if experiment_id else tracking_uri}"
-    command = f"mlflow ui --backend-store-uri {tracking_uri} --port {UI_PORT}"
-    if experiment_id is None:
-        return command
-    return f"{command}, then open {runs_url(f'http://127.0.0.1:{UI_PORT}', experiment_id)}"
 
 
 def _clip(text: str, limit: int) -> str:
@@ -508,25 +481,3 @@ def _remove_tree(folder: Path) -> None:
     for path in sorted(folder.rglob("*"), reverse=True):
         path.rmdir() if path.is_dir() else path.unlink()
     folder.rmdir()
-
-
-def download_artifacts(uri: str, dst: Path, *, tracking_uri: str) -> Path:
-    """Download an artifact folder (`runs:/<run id>/model`, `models:/<name>/<version>`,
-    `models:/<name>@<alias>`) into `dst`; UserError naming the URI. The Model Registry
-    is the tracking store's."""
-    import mlflow.artifacts
-
-    Path(dst).mkdir(parents=True, exist_ok=True)
-    try:
-        source = uri
-        if uri.startswith("models:/"):
-            from pipeline.tracking.registry import version_source
-
-            source = version_source(MlflowClient(tracking_uri=tracking_uri), uri)
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
-                                                        tracking_uri=tracking_uri))
-    except (MlflowException, OSError) as err:
-        raise UserError(f"--model-uri {uri}: cannot download it from {tracking_uri} ({_clip(str(err), 300)}); "
-                        f"give runs:/<run id>/model of a train stage run or models:/ion-<config>/<version> "
-                        f"(or @<alias>) of the Model Registry (MLFLOW_TRACKING_URI or --workdir chooses the "
-                        f"store)") from None

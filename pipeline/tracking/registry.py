@@ -10,15 +10,19 @@ A version's tags: cache_key (the train output's key), code_version, config,
 and once evaluate has scored it test_AP / test_AP50. A cached rerun reuses the
 train output and registers nothing. The Tracker (pipeline/tracking/client.py) sends
 the records (op "register", "version_tags") and keeps them when the store does
-not answer, like every other record; this module applies them.
+not answer, like every other record; this module applies them, and downloads
+a model by its runs:/ or models:/ URI (`predict --model-uri`).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+from ion.errors import UserError
 
 MODEL_PREFIX = "ion-"
 SOURCE_ARTIFACT = "model"  # the train run's model folder (pipeline/tracking/model.py MODEL_ARTIFACT_PATH)
@@ -84,3 +88,23 @@ def version_source(client: MlflowClient, uri: str) -> str:
 
     name, version = get_model_name_and_version(client, uri)
     return client.get_model_version_download_uri(name, version)
+
+
+def download_artifacts(uri: str, dst: Path, *, tracking_uri: str) -> Path:
+    """Download an artifact folder (`runs:/<run id>/model`, `models:/<name>/<version>`,
+    `models:/<name>@<alias>`) into `dst`; UserError naming the URI. The Model Registry
+    is the tracking store's."""
+    import mlflow.artifacts
+
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    try:
+        source = uri
+        if uri.startswith("models:/"):
+            source = version_source(MlflowClient(tracking_uri=tracking_uri), uri)
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst),
+                                                        tracking_uri=tracking_uri))
+    except (MlflowException, OSError) as err:
+        raise UserError(f"--model-uri {uri}: cannot download it from {tracking_uri} ({str(err)[:300]}); "
+                        f"give runs:/<run id>/model of a train stage run or models:/ion-<config>/<version> "
+                        f"(or @<alias>) of the Model Registry (MLFLOW_TRACKING_URI or --workdir chooses the "
+                        f"store)") from None

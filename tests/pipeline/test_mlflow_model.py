@@ -183,7 +183,8 @@ def test_train_registers_one_version_per_output_and_predict_takes_models_uris(sm
     from pipeline.config import load_config
     from pipeline.graph import registered_stages
     from pipeline.runner import run_stages
-    from pipeline.tracking.client import Tracker, download_artifacts
+    from pipeline.tracking.client import Tracker
+    from pipeline.tracking.registry import download_artifacts
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
