@@ -372,9 +372,10 @@ def stop_twice_with_workers_frozen(args: list[str], log: Path) -> int:
 
 
 def test_sigterm_with_two_workers_keeps_the_current_iteration(upstream, reference, tmp_path, mlflow_db_template):
-    """`--force` with two workers (a plain run resumes the same way, from its own folder). A second signal stops at once (the workers frozen): nothing of
-    it is trusted, the old output stays. A single SIGTERM keeps the current iteration and the same
-    command resumes there (not from 0), ending as the uninterrupted run."""
+    """`--force` with two workers (a plain run resumes the same way, from its own folder). A second
+    signal stops at once (the workers frozen): nothing of it is trusted, the old output stays.
+    A single SIGTERM keeps the current iteration and the same command resumes there
+    (not from 0), ending as the uninterrupted run."""
     workdir = new_workdir(upstream, tmp_path / "work", mlflow_db_template)
     copy_artifact(output(reference, "train"), workdir / "artifacts" / "train")  # what --force recomputes
     old_run = published_run(workdir)
