@@ -2,9 +2,11 @@
 (`runtime.train_workers=2`) and a real `mlflow server` (127.0.0.1, a free port,
 a sqlite backend in the test's folder), faults done to real processes.
 
-- SIGTERM to the driver mid-phase with no periodic checkpoint near: exit 143,
-  the rerun resumes from that very iteration and ends bitwise equal to an
-  uninterrupted run with two workers.
+- `--force`: a second signal stops at once (the workers frozen, so nothing else
+  could end the command) and nothing of it is trusted; then SIGTERM to the
+  driver mid-phase with no periodic checkpoint near: exit 143, the same command
+  resumes from that very iteration and ends bitwise equal to an uninterrupted
+  run with two workers.
 - The MLflow server killed mid-training: training finishes; once the server is
   back, the next command leaves the whole loss curve in the train run.
 - A seeded sequence of faults at moments drawn from the seed (SIGTERM of the
@@ -187,34 +189,6 @@ def assert_same_weights(workdir: Path, reference: Path) -> None:
     assert different == [], different
 
 
-def test_sigterm_with_two_workers_keeps_the_current_iteration(upstream, reference, tmp_path, mlflow_db_template):
-    workdir = new_workdir(upstream, tmp_path / "work", mlflow_db_template)
-    began = time.monotonic()
-    proc = start(workdir, "train", pipeline_env())
-    # Mid-phase 0, far from any periodic checkpoint (every 1000): only the stop request can keep it.
-    assert wait_for_iteration(workdir, proc, 3), finish(proc).stderr[-3000:]
-    os.kill(proc.pid, signal.SIGTERM)
-    stopped = finish(proc)
-    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
-    assert "Traceback" not in stopped.stderr and "error:" not in stopped.stderr, stopped.stderr[-3000:]
-    marker = "interrupted (training stopped after iteration "
-    assert marker in stopped.stderr, stopped.stderr[-3000:]
-    iteration = int(stopped.stderr.split(marker, 1)[1].split(";", 1)[0])
-    assert iteration >= 3
-    checkpoints = next((workdir / "artifacts" / "train").glob("*/checkpoints"))
-    assert torch.load(checkpoints / "last.pt", weights_only=True)["iteration"] == iteration
-    with sqlite3.connect(workdir / "mlflow.db") as db:
-        statuses = {row[0] for row in db.execute("SELECT status FROM runs")}
-    assert "RUNNING" not in statuses and "KILLED" in statuses, statuses
-
-    rerun = finish(start(workdir, "train", pipeline_env()))
-    assert_ok(rerun)
-    if iteration < TOTAL:
-        assert f"resumed at iteration {iteration})" in rerun.stdout, rerun.stdout[-3000:]
-    assert_same_weights(workdir, reference)
-    print(f"SIGTERM at iteration {iteration} and rerun: {time.monotonic() - began:.0f} s")
-
-
 def test_mlflow_server_killed_mid_training_then_restarted(upstream, tmp_path, mlflow_db_template, mlflow_server):
     workdir = new_workdir(upstream, tmp_path / "work", mlflow_db_template)
     env = pipeline_env(MLFLOW_TRACKING_URI=mlflow_server.uri)
@@ -348,3 +322,98 @@ def test_chaos_of_the_multi_worker_path_ends_as_the_uninterrupted_run(upstream, 
                                     "t.run_uuid = r.run_uuid WHERE t.key = 'cache_hit' AND r.name = 'train'")
     assert steps == list(range(1, TOTAL + 1)), (run_id, train_runs)
     print(f"chaos ({', '.join(plan.log)}): {seconds:.0f} s")
+
+
+
+def force_progress(workdir: Path) -> int:
+    """Iterations done in the output a --force run builds aside (0 before the first report)."""
+    found = list((workdir / "artifacts" / "train" / ".replacing").glob("*/ray/train.progress.json"))
+    try:
+        return int(json.loads(found[0].read_text(encoding="utf-8"))["done"]) if found else 0
+    except (OSError, ValueError):
+        return 0
+
+
+def published_run(workdir: Path) -> str:
+    return json.loads((output(workdir, "train") / "manifest.json").read_text())["mlflow_run_id"]
+
+
+def stop_twice_with_workers_frozen(args: list[str], log: Path) -> int:
+    """Start the command; once its Ray Train workers exist, freeze them (SIGSTOP), then SIGTERM the
+    driver, and again once it says it waits for the current iteration: frozen workers never finish
+    one, so only stopping at once ends the command. Returns its exit status."""
+    with open(log, "w", encoding="utf-8") as err:  # read while it runs: the stop request's line
+        proc = subprocess.Popen(args, cwd=PROJECT_ROOT, env=pipeline_env(), stdout=subprocess.DEVNULL, stderr=err,
+                                text=True, start_new_session=True)
+    everything: list[int] = []
+    try:
+        while len(workers := train_worker_pids(proc.pid)) < 2:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(POLL_S)
+        everything = descendants(proc.pid)
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        os.kill(proc.pid, signal.SIGTERM)
+        while "send it again to stop at once" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(POLL_S)
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            return proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"a second SIGTERM did not stop the command: {log.read_text()[-3000:]}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in everything:  # the frozen workers, wherever Ray put them
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_sigterm_with_two_workers_keeps_the_current_iteration(upstream, reference, tmp_path, mlflow_db_template):
+    """`--force` with two workers (a plain run resumes the same way, from its own folder). A second
+    signal stops at once (the workers frozen): nothing of it is trusted, the old output stays.
+    A single SIGTERM keeps the current iteration and the same command resumes there
+    (not from 0), ending as the uninterrupted run."""
+    workdir = new_workdir(upstream, tmp_path / "work", mlflow_db_template)
+    copy_artifact(output(reference, "train"), workdir / "artifacts" / "train")  # what --force recomputes
+    old_run = published_run(workdir)
+    args = [*command(workdir, "train"), "--force"]
+    began = time.monotonic()
+
+    log = tmp_path / "twice.stderr"
+    returncode = stop_twice_with_workers_frozen(args, log)
+    err = log.read_text()
+    assert returncode in (128 + signal.SIGTERM, 128 + signal.SIGINT), (returncode, err[-3000:])
+    marker = "interrupted (training stopped after iteration "
+    assert "Traceback" not in err and marker not in err, err[-3000:]
+    assert published_run(workdir) == old_run
+
+    for stale in (workdir / "artifacts" / "train" / ".replacing").glob("*/ray/train.progress.json"):
+        stale.unlink()  # the frozen command's
+    proc = subprocess.Popen(args, cwd=PROJECT_ROOT, env=pipeline_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    while force_progress(workdir) < 2:
+        assert proc.poll() is None, finish(proc).stderr[-3000:]
+        time.sleep(POLL_S)
+    os.kill(proc.pid, signal.SIGTERM)
+    stopped = finish(proc)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr[-3000:]
+    assert marker in stopped.stderr and "Traceback" not in stopped.stderr, stopped.stderr[-3000:]
+    iteration = int(stopped.stderr.split(marker, 1)[1].split(";", 1)[0])
+    [last] = (workdir / "artifacts" / "train" / ".replacing").glob("*/checkpoints/last.pt")
+    assert torch.load(last, weights_only=True)["iteration"] == iteration >= 2
+    assert published_run(workdir) == old_run
+    with sqlite3.connect(workdir / "mlflow.db") as db:
+        statuses = {row[0] for row in db.execute("SELECT status FROM runs")}
+    assert "RUNNING" not in statuses and "KILLED" in statuses, statuses
+
+    again = subprocess.run(args, cwd=PROJECT_ROOT, env=pipeline_env(), capture_output=True, text=True,
+                           timeout=RUN_TIMEOUT_S)
+    assert_ok(again)
+    if iteration < TOTAL:  # (a machine fast enough to finish before the stop request lands resumes nothing)
+        assert f"resumed at iteration {iteration})" in again.stdout, again.stdout[-3000:]
+    assert published_run(workdir) != old_run
+    assert_same_weights(workdir, reference)
+    print(f"--force: two signals, then SIGTERM at iteration {iteration}, rerun: {time.monotonic() - began:.0f} s")
