@@ -137,7 +137,9 @@ def test_each_record_keeps_its_experiment(workdir):
     assert local(workdir, experiment="something else").flush_pending() == 0
     placed = db_rows(workdir, "SELECT e.name, r.name FROM runs r JOIN experiments e "
                               "ON r.experiment_id = e.experiment_id ORDER BY e.name, r.name")
-    assert placed == [("variant a", "all"), ("variant a", "train"), ("variant b", "all"), ("variant b", "train")]
+    # Each config's experiment is ion-<config name> (no experiment reads like MLflow's own "Default").
+    assert placed == [("ion-variant a", "all"), ("ion-variant a", "train"), ("ion-variant b", "all"),
+                      ("ion-variant b", "train")]
 
 
 def test_a_replay_sends_without_holding_the_queue_lock(workdir):
