@@ -342,3 +342,18 @@ def run_gpu_bench(module: str, absent: tuple[str, ...], *args: str, timeout: int
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, megabytes: int) -> Iterator[Path]:
+    """A real size-limited tmpfs mounted at `path` (these machines run as root; skipped where
+    mounting is not allowed), unmounted afterwards."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

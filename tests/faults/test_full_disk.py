@@ -3,33 +3,15 @@ where mounting is not allowed the test is skipped), filled by a training run; th
 command on the enlarged filesystem resumes."""
 from __future__ import annotations
 
-import contextlib
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from pipeline.cache.store import MANIFEST
 from tests.faults.conftest import assert_ok, assert_one_error_line, run, stage_results
+from tests.helpers import tmpfs
 
 HEADROOM_MB = 2  # less than one training checkpoint of the smoke model (~2.5 MB)
-
-
-def _mount(path: Path, options: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
-
-
-@contextlib.contextmanager
-def small_filesystem(path: Path):
-    path.mkdir()
-    mounted = _mount(path, "size=200m")
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): needs root")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def _resize(path: Path, megabytes: int) -> None:
@@ -38,7 +20,7 @@ def _resize(path: Path, megabytes: int) -> None:
 
 
 def test_a_full_disk_is_one_line_then_the_same_command_resumes(shared_run, tmp_path):
-    with small_filesystem(tmp_path / "disk") as disk:
+    with tmpfs(tmp_path / "disk", 200) as disk:
         workdir = shared_run.copy(disk / "work")
         used = shutil.disk_usage(disk).used
         _resize(disk, used // (1 << 20) + HEADROOM_MB)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from pipeline.cli import main
 from pipeline.config import PROJECT_ROOT
 from pipeline.plan.estimate import CALIBRATION_DIR, predict
 from pipeline.plan.resources import resource_problems
+from tests.helpers import tmpfs
 from tests.pipeline.test_cli import cli
 
 COCO_MINI = PROJECT_ROOT / "configs" / "coco_mini.yaml"
@@ -106,16 +106,9 @@ def test_mcg_folder_missing_half_the_images_is_one_line(shared_dir, workdir, tmp
 
 @pytest.fixture()
 def small_tmpfs(tmp_path):
-    """A real 4 MiB tmpfs (root only), unmounted afterwards."""
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
-    try:
+    """A real 4 MiB tmpfs."""
+    with tmpfs(tmp_path / "tmpfs", 4) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_workdir_too_small_for_the_predicted_outputs_is_one_line(smoke_run, small_tmpfs, mlflow_db_template):
