@@ -126,8 +126,11 @@ class StageContext(Protocol):
     def log_params(self, params: dict) -> None:
         """Log extra params to the stage's MLflow run (nested dicts become dotted keys)."""
 
-    def map(self, fn: Callable[[Any], T], items: Sequence[Any], desc: str, gpu: bool = False) -> list[T]:
-        """`[fn(item) for item in items]` as Ray tasks, in item order, with progress."""
+    def map(self, fn: Callable[[Any], T], items: Sequence[Any], desc: str, gpu: bool = False,
+            on_result: Callable[[int, T], Any] | None = None) -> list:
+        """`[fn(item) for item in items]` as Ray tasks, in item order, with progress.
+        `on_result(index, result)` runs in the driver as each task finishes (any order) and what it
+        returns is kept in the result's place: large results are consumed, not held."""
 
     def progress(self, iterable: Iterable[T], desc: str, total: int | None = None,
                  unit: str = "items") -> Iterable[T]:

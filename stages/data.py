@@ -70,7 +70,7 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
 
 def generate_chunk(job: dict) -> list[synthetic.GeneratedImage]:
     """Images job["start"]..job["stop"]-1 of one split (a Ray task; returns the JPEG bytes to the driver,
-    so workers need no shared filesystem)."""
+    so workers need no shared filesystem: the driver writes them as each chunk arrives)."""
     return [synthetic.generate_image(seed=job["seed"], split=job["split"], index=index,
                                      image_id=job["first_image_id"] + index, **job["scene"])
             for index in range(job["start"], job["stop"])]
@@ -92,18 +92,25 @@ def _run_synthetic(*, seed: int, syn: SyntheticConfig, out: Path, ctx: StageCont
                          "stop": min(start + IMAGES_PER_TASK, counts[split]), "first_image_id": first_id,
                          "scene": _scene_params(syn)})
         first_id += counts[split]
-    chunks = ctx.map(generate_chunk, jobs, desc="synthetic images")
-    generated: dict[str, list[synthetic.GeneratedImage]] = {split: [] for split in SPLITS}
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+
+    def write_chunk(_: int, chunk: list[synthetic.GeneratedImage]) -> list[tuple[dict, list[dict]]]:
+        # Each chunk's JPEGs are written as it arrives and dropped: the driver keeps only the
+        # COCO entries, so its memory does not grow with the images' bytes.
+        for item in chunk:
+            write_bytes_atomic(out / "images" / item.image["file_name"], item.jpeg)
+        return [(item.image, item.annotations) for item in chunk]
+
+    chunks = ctx.map(generate_chunk, jobs, desc="synthetic images", on_result=write_chunk)
+    generated: dict[str, list[tuple[dict, list[dict]]]] = {split: [] for split in SPLITS}
     for job, chunk in zip(jobs, chunks):
         generated[job["split"]].extend(chunk)
+    del chunks
     index, metrics, summary = {"source": "synthetic", "splits": {}, "categories": list(synthetic.CATEGORIES)}, {}, []
     for split in SPLITS:
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        for item in ctx.progress(generated[split], desc=f"writing {split} images"):
-            write_bytes_atomic(out / "images" / item.image["file_name"], item.jpeg)
         coco = synthetic.coco_dataset(
-            images=[g.image for g in generated[split]],
-            annotations=[ann for g in generated[split] for ann in g.annotations],
+            images=[image for image, _ in generated[split]],
+            annotations=[ann for _, anns in generated[split] for ann in anns],
             description=f"context-shapes {split} split, seed {seed + syn.seed_offset}")
         _write_json_atomic(out / "annotations" / f"{split}.json", coco)
         index["splits"][split] = {"annotations": f"annotations/{split}.json", "image_dir": "images",
@@ -117,7 +124,7 @@ def _run_synthetic(*, seed: int, syn: SyntheticConfig, out: Path, ctx: StageCont
                    + ", ".join(c["name"] for c in synthetic.CATEGORIES if c["id"] in synthetic.CONTEXT_CATEGORY_IDS))
     train = generated["train"][:PREVIEW_IMAGES]
     _write_preview(out / "plots" / "preview.png",
-                   [(Image.open(io.BytesIO(g.jpeg)).convert("RGB"), g.annotations) for g in train],
+                   [(Image.open(out / "images" / image["file_name"]).convert("RGB"), anns) for image, anns in train],
                    CategoryMap.from_coco(list(synthetic.CATEGORIES)))
     _write_json_atomic(out / INDEX_FILE, index)
     return StageResult(metrics=metrics, summary=summary)

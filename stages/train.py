@@ -57,7 +57,7 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
         raise UserError(f"runtime.train_workers: {workers} does not divide train.images_per_batch "
                         f"{tcfg.images_per_batch} (each worker takes the same number of images per update); "
                         "use a divisor of it")
-    split = DetectionSplit.load(Path(inputs["data"]), "train")
+    split = DetectionSplit.load(Path(inputs["data"]), "train", with_annotations=False)  # its categories
     files = CheckpointFiles(out / "checkpoints")
     distributed, use_gpu = ctx.train_placement()
     if distributed:
@@ -130,7 +130,8 @@ def train_detector(cfg, *, data_dir: Path, proposal_files: list[Path], resume: O
     """Build the detector and its training samples, then run ion.train_loop.train.
     A non-finite loss is a UserError: its message says where and what to change."""
     tcfg, mcfg = cfg.train, cfg.model
-    split = DetectionSplit.load(data_dir, "train")
+    with_masks = mcfg.seg_loss_weight > 0  # the polygons are most of COCO's json: only when the loss needs them
+    split = DetectionSplit.load(data_dir, "train", with_masks=with_masks)
     torch.manual_seed(cfg.seed)  # the initial weights (overwritten when resuming)
     model = build_detector(mcfg, num_classes=split.categories.num_classes)
     stores = {path: ProposalStore(path) for path in dict.fromkeys(proposal_files)}
@@ -139,7 +140,7 @@ def train_detector(cfg, *, data_dir: Path, proposal_files: list[Path], resume: O
                                   proposal_sets=[stores[path] for path in proposal_files],
                                   min_size=mcfg.input.min_size, max_size=mcfg.input.max_size,
                                   pixel_mean=mcfg.input.pixel_mean, pixel_std=mcfg.input.pixel_std,
-                                  flip=tcfg.flip, with_masks=mcfg.seg_loss_weight > 0)
+                                  flip=tcfg.flip, with_masks=with_masks)
         return train(model=model, phases=tcfg.phases, num_images=len(samples), get_sample=samples, seed=cfg.seed,
                      save_checkpoint=save_checkpoint, log_metrics=log_metrics, on_iteration=on_iteration,
                      should_stop=should_stop, resume=resume, images_per_batch=tcfg.images_per_batch,

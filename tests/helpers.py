@@ -78,10 +78,11 @@ class FakeContext:
     def graceful_stop(self):
         return contextlib.nullcontext(lambda: False)
 
-    def map(self, fn, items, desc, gpu=False):
+    def map(self, fn, items, desc, gpu=False, on_result=None):
         items = list(items)
         self.maps.append((fn, items))
-        return [fn(item) for item in items]
+        keep = on_result or (lambda _, result: result)
+        return [keep(i, fn(item)) for i, item in enumerate(items)]
 
     def progress(self, iterable, desc, total=None, unit="items"):
         return iterable

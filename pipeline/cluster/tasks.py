@@ -7,7 +7,8 @@ the workdir and the project on PYTHONPATH through the runtime env, so they can
 import stages/, ion/ and proposals/ (on a cluster the project must be at the
 same path on every node, or installed there).
 
-`ray_map` runs `fn(item)` as Ray tasks with progress lines (pipeline/execution/progress.py), results in item order.
+`ray_map` runs `fn(item)` as Ray tasks with progress lines (pipeline/execution/progress.py), results in item order
+(or handed to a callback as they finish, when they are too big to keep).
 
 Placement: a map that may use GPUs runs on one actor per GPU (Ray's own
 accounting gives each its GPU through CUDA_VISIBLE_DEVICES), so a worker
@@ -50,6 +51,7 @@ _ITEM_REPR = 200
 _REASON_CHARS = 300  # of Ray's own start-up error, in the one-line message
 HIDE_GPUS = {"CUDA_VISIBLE_DEVICES": ""}  # what a worker that holds no GPU sees
 _CALLS_PER_ACTOR = 2  # queued on each GPU actor: the next item is there when one finishes
+OnResult = Callable[[int, Any], Any]  # (item index, the task's result) -> what the map keeps
 
 
 class MapItemError(RuntimeError):
@@ -242,7 +244,8 @@ def visible_gpus(runtime: RuntimeConfig) -> tuple[float, str]:
     return float(torch.cuda.device_count()), "this machine (a local Ray instance)"
 
 
-def ray_map(fn: Callable[[Any], Any], items: Iterable[Any], desc: str, gpu: bool = False) -> list:
+def ray_map(fn: Callable[[Any], Any], items: Iterable[Any], desc: str, gpu: bool = False,
+            on_result: OnResult | None = None) -> list:
     """`[fn(item) for item in items]` as Ray tasks, in item order, with a progress bar.
 
     `fn` must be a module-level function (workers import it by name). With `gpu`
@@ -251,31 +254,47 @@ def ray_map(fn: Callable[[Any], Any], items: Iterable[Any], desc: str, gpu: bool
     see no GPU (module docstring). The first failing item stops the rest and
     raises: a `UserError` stays a `UserError` (the item added to its message),
     anything else becomes `MapItemError` naming the item.
+
+    `on_result(index, result)`, when given, runs here as each task finishes (in the
+    order they finish, not item order) and its return value takes the result's place
+    in the list: the map keeps no reference to a result once it has been handed
+    over (nor Ray's object), so a map whose results are large (a chunk of JPEGs)
+    holds only what the caller keeps, whatever the number of items.
     """
     items = list(items)
     if not items:
         return []
     gpus = int(cluster_gpus()) if gpu else 0
     if gpus >= 1:
-        return _actor_map(fn, items, desc, actors=min(gpus, len(items)))
+        return _actor_map(fn, items, desc, actors=min(gpus, len(items)), on_result=on_result)
     remote = ray.remote(fn).options(runtime_env={"env_vars": dict(HIDE_GPUS)})
-    refs = [remote.remote(item) for item in items]
-    index = {ref: i for i, ref in enumerate(refs)}
+    pending = [remote.remote(item) for item in items]
+    index = {ref: i for i, ref in enumerate(pending)}
     results: list[Any] = [None] * len(items)
-    pending = list(refs)
-    with Progress(desc, total=len(items), unit="items") as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=min(len(pending), _WAIT_BATCH), timeout=0.5)
-            for ref in done:
-                i = index[ref]
-                try:
-                    results[i] = ray.get(ref)
-                except Exception as err:  # noqa: BLE001 (re-raised below, with the item)
-                    for other in pending:
-                        ray.cancel(other)
-                    raise _item_error(desc, i, items[i], err) from _cause(err)
-                bar.update(1)
+    try:
+        with Progress(desc, total=len(items), unit="items") as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=min(len(pending), _WAIT_BATCH), timeout=0.5)
+                while done:
+                    ref = done.pop()
+                    i = index.pop(ref)  # the last reference to the task's object goes with `ref`
+                    results[i] = _take(desc, i, items[i], ref, on_result)
+                    del ref
+                    bar.update(1)
+    except BaseException:
+        for other in pending:
+            ray.cancel(other)
+        raise
     return results
+
+
+def _take(desc: str, i: int, item: Any, ref: Any, on_result: OnResult | None) -> Any:
+    """Item `i`'s result, or what `on_result` makes of it (the result itself dies with this frame)."""
+    try:
+        result = ray.get(ref)
+    except Exception as err:  # noqa: BLE001 (re-raised with the item)
+        raise _item_error(desc, i, item, err) from _cause(err)
+    return result if on_result is None else on_result(i, result)
 
 
 class _GpuWorker:
@@ -295,7 +314,8 @@ def _gpu_actor_cpus(actors: int) -> float:
     return min(1.0, float(ray.cluster_resources().get("CPU", 1.0)) / actors)
 
 
-def _actor_map(fn: Callable[[Any], Any], items: list, desc: str, *, actors: int) -> list:
+def _actor_map(fn: Callable[[Any], Any], items: list, desc: str, *, actors: int,
+               on_result: OnResult | None) -> list:
     """`ray_map` on `actors` GPU actors, each given the next item as it finishes one."""
     worker = ray.remote(_GpuWorker).options(num_gpus=1, num_cpus=_gpu_actor_cpus(actors))
     pool = [worker.remote(fn) for _ in range(actors)]
@@ -315,12 +335,11 @@ def _actor_map(fn: Callable[[Any], Any], items: list, desc: str, *, actors: int)
         with Progress(desc, total=len(items), unit="items") as bar:
             while running:
                 done, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
-                for ref in done:
+                while done:
+                    ref = done.pop()
                     i, actor = running.pop(ref)
-                    try:
-                        results[i] = ray.get(ref)
-                    except Exception as err:  # noqa: BLE001 (re-raised below, with the item)
-                        raise _item_error(desc, i, items[i], err) from _cause(err)
+                    results[i] = _take(desc, i, items[i], ref, on_result)
+                    del ref
                     bar.update(1)
                     submit(actor)
     finally:
@@ -351,10 +370,10 @@ class Cluster:
         self._was_running = ray.is_initialized()
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any] | Iterable[Any], desc: str,
-            gpu: bool = False) -> list:
+            gpu: bool = False, on_result: OnResult | None = None) -> list:
         """`ray_map`; `gpu` (the items may use a GPU) counts only where runtime.device is not cpu."""
         init_ray(self.runtime, tracking_uri=self.tracking_uri)
-        return ray_map(fn, items, desc, gpu=gpu and self.runtime.device != "cpu")
+        return ray_map(fn, items, desc, gpu=gpu and self.runtime.device != "cpu", on_result=on_result)
 
     def close(self) -> None:
         """Shut Ray down if it came up during this invocation (here or in a stage's Ray Train run)."""

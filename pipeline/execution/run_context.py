@@ -29,7 +29,8 @@ class _Tracked(Protocol):
 
 
 class _Mapper(Protocol):
-    def map(self, fn: Callable[[Any], T], items: Sequence[Any], desc: str, gpu: bool = False) -> list[T]: ...
+    def map(self, fn: Callable[[Any], T], items: Sequence[Any], desc: str, gpu: bool = False,
+            on_result: Callable[[int, T], Any] | None = None) -> list: ...
 
 
 class RunContext:
@@ -67,10 +68,11 @@ class RunContext:
     def log_params(self, params: dict) -> None:
         self._run.log_params(params)
 
-    def map(self, fn: Callable[[Any], T], items: Sequence[Any], desc: str, gpu: bool = False) -> list[T]:
+    def map(self, fn: Callable[[Any], T], items: Sequence[Any], desc: str, gpu: bool = False,
+            on_result: Callable[[int, T], Any] | None = None) -> list:
         # runtime.device cpu keeps the tasks off the GPUs: a task that holds none
         # sees CUDA_VISIBLE_DEVICES="" (pipeline/cluster/tasks.py), so it stays on the CPU.
-        return self._mapper.map(fn, items, desc, gpu=gpu and self.runtime.device != "cpu")
+        return self._mapper.map(fn, items, desc, gpu=gpu and self.runtime.device != "cpu", on_result=on_result)
 
     def progress(self, iterable: Iterable[T], desc: str, total: int | None = None,
                  unit: str = "items") -> Iterable[T]:

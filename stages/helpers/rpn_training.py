@@ -84,7 +84,7 @@ def train_rpn_stage(rcfg: RpnConfig, *, data_dir: Path, path: Path, out: Path, s
         model = build_rpn(rcfg, load_imagenet=resume is None)
         # SIGTERM/SIGINT: finish the current update, checkpoint it, stop (the rerun resumes there).
         with ctx.graceful_stop() as should_stop:
-            result = train_rpn(model, RpnTrainImages(DetectionSplit.load(data_dir, "train")), rcfg, seed=seed,
+            result = train_rpn(model, _train_images(data_dir), rcfg, seed=seed,
                                save_checkpoint=files, resume=resume,
                                log_metrics=lambda step, record: ctx.log_metrics(loggable(record), step=step),
                                on_iteration=lambda _: next(bar, None), should_stop=should_stop)
@@ -104,6 +104,11 @@ def train_rpn_stage(rcfg: RpnConfig, *, data_dir: Path, path: Path, out: Path, s
             "rpn_final_loss": float(history[-1]["loss"]) if history else float("nan")}
 
 
+def _train_images(data_dir: str | Path) -> RpnTrainImages:
+    """The train split's images and boxes: the RPN needs no segmentations (left out while the json is read)."""
+    return RpnTrainImages(DetectionSplit.load(Path(data_dir), "train", with_masks=False))
+
+
 def rpn_train_worker(session, *, rcfg: RpnConfig, seed: int, data_dir: str, fallback_resume: str) -> dict[str, Any]:
     """A Ray Train worker: resume from Ray Train's latest checkpoint, or from
     out/rpn_checkpoints/last.pt when that one is further along; rank 0 logs to
@@ -111,7 +116,7 @@ def rpn_train_worker(session, *, rcfg: RpnConfig, seed: int, data_dir: str, fall
     resume = worker_start(session, Path(fallback_resume), loggable)
     torch.manual_seed(seed)
     model = build_rpn(rcfg, load_imagenet=resume is None)
-    result = train_rpn(model, RpnTrainImages(DetectionSplit.load(Path(data_dir), "train")), rcfg, seed=seed,
+    result = train_rpn(model, _train_images(data_dir), rcfg, seed=seed,
                        save_checkpoint=session.save, resume=resume, device=session.device,
                        log_metrics=lambda step, record: session.log_metrics(loggable(record), step=step),
                        on_iteration=lambda done: session.report_progress(done, rcfg.iterations,

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 
 import numpy as np
+import pytest
 
-from ion.data.split import INDEX_FILE, DetectionSplit
+from ion.data.split import INDEX_FILE, DetectionSplit, instance_masks
 
 
 def _data_dir(tmp_path):
@@ -36,3 +38,38 @@ def test_light_load_has_the_images_and_no_ground_truth(tmp_path):
     assert len(full.images[1].boxes) == 0
     assert all(r.boxes is None and r.category_ids is None and r.iscrowd is None and r.segmentations is None
                for r in light.images)
+
+
+def _peak_bytes(load) -> tuple[DetectionSplit, int]:
+    tracemalloc.start()
+    try:
+        split = load()
+        return split, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_without_masks_the_segmentations_are_dropped_while_parsing(tmp_path):
+    """Training without a segmentation loss loads boxes only: the same ground truth, no polygons, and the
+    polygons are let go as the json is parsed (never all held at once: the peak is far below a full load)."""
+    data = _data_dir(tmp_path)
+    polygon = [0.5, 1.5, 2.5] * 1500  # a long COCO polygon: most of the file's bytes (4 per float, 32 parsed)
+    coco = json.loads((data / "annotations" / "minival.json").read_text())
+    coco["images"] = [{"id": i, "file_name": f"{i}.jpg", "width": 40, "height": 30} for i in range(1, 61)]
+    coco["annotations"] = [{"id": i, "image_id": i, "category_id": 2 + 3 * (i % 2), "bbox": [1, 2, i % 9 + 1, 5],
+                            "iscrowd": int(i % 10 == 0), "area": 50,
+                            "segmentation": {"size": [30, 40], "counts": [5, 1195]} if i % 10 == 0 else [polygon]}
+                           for i in range(1, 61)]
+    (data / "annotations" / "minival.json").write_text(json.dumps(coco, separators=(",", ":")))
+    full, full_peak = _peak_bytes(lambda: DetectionSplit.load(data, "minival"))
+    boxes, boxes_peak = _peak_bytes(lambda: DetectionSplit.load(data, "minival", with_masks=False))
+    for a, b in zip(full.images, boxes.images, strict=True):
+        assert (a.image_id, a.path, a.width, a.height) == (b.image_id, b.path, b.width, b.height)
+        for field in ("boxes", "category_ids", "iscrowd"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+            assert getattr(a, field).dtype == getattr(b, field).dtype
+        assert len(a.segmentations) == 1 and b.segmentations is None
+    assert instance_masks(full.images[9]).shape == (1, 30, 40)
+    with pytest.raises(ValueError, match="image 10: its split was loaded without masks"):
+        instance_masks(boxes.images[9])
+    assert boxes_peak < full_peak / 2

@@ -142,6 +142,19 @@ def user_error_on_two(x: int) -> int:
     return x
 
 
+class Payload:
+    """A large task result whose life the driver can watch (weakref)."""
+
+    def __init__(self, index: int, size: int) -> None:
+        self.index = index
+        self.data = bytes(size)
+
+
+def payload(x: int) -> Payload:
+    time.sleep(0.01 * (x % 3))  # finish out of order
+    return Payload(x, 256 * 1024)  # above Ray's 100 KiB inline limit: kept in the object store
+
+
 def env_of(name: str) -> str | None:
     return os.environ.get(name)
 

@@ -1,8 +1,10 @@
 """The Ray adapter: one local Ray instance for the whole module (starting one takes seconds)."""
 from __future__ import annotations
 
+import gc
 import json
 import socket
+import weakref
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,23 @@ def ray_instance(tmp_path_factory):
 def test_results_keep_item_order(ray_instance):
     assert ray_map(fake_stages.square, range(12), desc="squares") == [x * x for x in range(12)]
     assert ray_map(fake_stages.square, [], desc="nothing") == []
+
+
+def test_results_handed_to_on_result_are_not_kept(ray_instance):
+    """A map that consumes its results as they come holds none of them: each one handed over is gone
+    by the time the next arrives, so the driver's memory does not grow with the number of items."""
+    handed: list[weakref.ref] = []
+
+    def consume(index, result):
+        gc.collect()
+        assert [ref() for ref in handed] == [None] * len(handed)
+        assert result.index == index and len(result.data) == 256 * 1024
+        handed.append(weakref.ref(result))
+        return -index
+
+    assert ray_map(fake_stages.payload, range(12), desc="payloads", on_result=consume) == [-i for i in range(12)]
+    gc.collect()
+    assert len(handed) == 12 and all(ref() is None for ref in handed)
 
 
 def test_a_failing_item_raises_with_the_item(ray_instance):

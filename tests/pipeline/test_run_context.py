@@ -11,7 +11,7 @@ class RecordingMapper:
     def __init__(self):
         self.calls = []
 
-    def map(self, fn, items, desc, gpu=False):
+    def map(self, fn, items, desc, gpu=False, on_result=None):
         self.calls.append(gpu)
         return [fn(item) for item in items]
 

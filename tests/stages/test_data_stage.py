@@ -1,6 +1,8 @@
 """The data stage writes what docs/CONTRACTS.md ("Data stage outputs") promises."""
 import dataclasses
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +81,39 @@ def test_synthetic_run_is_deterministic(tmp_path):
     other_seed = dataclasses.replace(_tiny_synthetic(), seed=4)
     _run(other_seed, tmp_path / "c")
     assert (tmp_path / "c" / "annotations" / "train.json").read_bytes() != first["annotations/train.json"]
+
+
+class _ReleasingContext(FakeContext):
+    """Hands each task's result to the stage's on_result, last item first (Ray hands them over in the
+    order they finish), and checks that the stage lets it go."""
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.released = 0
+
+    def map(self, fn, items, desc, gpu=False, on_result=None):
+        assert on_result is not None, f"{desc}: the stage keeps every task's result"
+        kept = [None] * len(items)
+        for i in reversed(range(len(items))):
+            result = fn(items[i])
+            refs = [weakref.ref(image) for image in result]
+            kept[i] = on_result(i, result)
+            del result
+            gc.collect()
+            assert [ref() for ref in refs] == [None] * len(refs)  # no JPEG bytes held past their write
+            self.released += len(refs)
+        return kept
+
+
+def test_synthetic_stage_writes_each_chunk_and_keeps_no_image_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_stage, "IMAGES_PER_TASK", 2)  # train: chunks of 2, 2 and 2
+    cfg = _tiny_synthetic()
+    (tmp_path / "streamed").mkdir()
+    ctx = _ReleasingContext(tmp_path)
+    data_stage.run(cfg, {}, tmp_path / "streamed", ctx)
+    assert ctx.released == 6 + 3 + 2
+    _run(cfg, tmp_path / "kept")  # the plain context, in item order: the same files, byte for byte
+    assert _files(tmp_path / "streamed") == _files(tmp_path / "kept")
 
 
 def test_coco_mini_through_the_stage(tmp_path):
