@@ -112,3 +112,29 @@ def write_text_atomic(path: Path | str, text: str) -> Path:
 
 def write_json_atomic(path: Path | str, obj: Any, *, indent: int | None = 1) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=indent))
+
+
+_COMPACT = (",", ":")
+JSON_LIST_BATCH = 10_000  # list elements encoded at once by write_compact_json_atomic
+
+
+def write_compact_json_atomic(path: Path | str, obj: dict[str, Any]) -> Path:
+    """`json.dumps(obj, separators=(",", ":"))`, byte for byte, written a piece at a time: each
+    top-level list is encoded JSON_LIST_BATCH elements at once, so the text of a large file (a COCO
+    split's annotations) is never held whole, nor twice (as text and as bytes), beside its objects."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(b"{")
+        for n, (key, value) in enumerate(obj.items()):
+            if not isinstance(key, str):
+                raise TypeError(f"write_compact_json_atomic: key {key!r} is not a string")
+            f.write(("," if n else "").encode() + json.dumps(key).encode() + b":")
+            if not isinstance(value, list) or not value:
+                f.write(json.dumps(value, separators=_COMPACT).encode())
+                continue
+            f.write(b"[")
+            for start in range(0, len(value), JSON_LIST_BATCH):
+                text = json.dumps(value[start:start + JSON_LIST_BATCH], separators=_COMPACT)[1:-1]
+                f.write(("," if start else "").encode() + text.encode())
+            f.write(b"]")
+        f.write(b"}")
+    return Path(path)

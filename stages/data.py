@@ -15,14 +15,13 @@ annotations/<split>.json, images/ (synthetic only), plots/preview.png.
 from __future__ import annotations
 
 import io
-import json
 import time
 from collections import Counter
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ion.atomic import write_bytes_atomic
+from ion.atomic import write_bytes_atomic, write_compact_json_atomic
 from ion.data import synthetic
 from ion.data.categories import CategoryMap
 from ion.data.coco import ValidationReport
@@ -50,8 +49,8 @@ BOX_COLOUR = (255, 235, 0)
 CROWD_COLOUR = (255, 0, 255)
 
 
-def _write_json_atomic(path: Path, obj: object) -> None:
-    write_bytes_atomic(path, json.dumps(obj, separators=(",", ":")).encode("utf-8"))
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    write_compact_json_atomic(path, obj)  # a piece at a time: a COCO split's text is never held whole
 
 
 def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResult:
