@@ -4,7 +4,9 @@ worker per GPU that loads its model once; every other task, and every task of
 a `runtime.device: cpu` run, sees no GPU."""
 from __future__ import annotations
 
+import gc
 import time
+import weakref
 from collections import Counter
 
 import pytest
@@ -13,7 +15,7 @@ import ray
 from pipeline.cluster.tasks import Cluster, MapItemError, _gpu_actor_cpus, local_resources, ray_map, worker_env
 from pipeline.execution.run_context import RunContext
 from stages.contract import RuntimeConfig
-from tests.pipeline import gpu_probe
+from tests.pipeline import fake_stages, gpu_probe
 
 TRACKING_URI = "sqlite:////tmp/ion-test-tracking.db"  # only passed to workers, never opened
 
@@ -52,6 +54,21 @@ def test_a_gpu_map_holds_one_gpu_per_worker_and_loads_the_model_once_each(gpu_cl
     loads = Counter(task["pid"] for task in seen if task["loaded"])
     assert loads == Counter({pid: 1 for pid in workers})  # 2 loads for 8 items, not 8
     assert _gpus_freed()  # the workers are gone at the map's end: the next stage gets the GPUs
+
+
+def test_a_gpu_map_hands_each_result_over_and_keeps_none(gpu_cluster):
+    """on_result on the GPU actors' path: each result gone by the time the next is handed over."""
+    handed: list[weakref.ref] = []
+
+    def consume(index, result):
+        gc.collect()
+        assert [ref() for ref in handed] == [None] * len(handed)
+        handed.append(weakref.ref(result))
+        return result.index
+
+    assert ray_map(fake_stages.payload, range(6), desc="gpu payloads", gpu=True, on_result=consume) == list(range(6))
+    assert len(handed) == 6
+    assert _gpus_freed()
 
 
 def _gpus_freed() -> bool:
