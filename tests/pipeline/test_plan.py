@@ -79,6 +79,9 @@ def test_peak_memory_grows_only_where_a_split_is_held_whole():
     assert predict("data", records, Work({"images": 1200}))["peak_rss_bytes"] == pytest.approx(2.1e9)
     # Training streams its images: the largest peak measured, whatever the work.
     assert predict("train", records, Work({"images_seen": 1200}))["peak_rss_bytes"] == 1.2e9
+    # A tune worker holds minival's candidates, 28 bytes each, on top of the largest baseline.
+    tune = [{"items": 1, "work": {"candidates": n}, "peak_rss_bytes": rss} for n, rss in ((1e6, 1.1e9), (2e6, 1.0e9))]
+    assert predict("tune", tune, Work({"candidates": 1e8}))["peak_rss_bytes"] == pytest.approx(1.072e9 + 28 * 1e8)
 
 
 def test_rpn_training_is_fitted_on_its_own_iterations():
