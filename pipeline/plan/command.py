@@ -28,7 +28,7 @@ from pipeline.plan.resources import TRAIN_STAGE, check_resources
 def _inputs(cfg: Any, runs: set[str], data_output: Path | None, report: Preflight) -> None:
     if "data" in runs:
         if cfg.data.source == "coco":
-            check_coco(cfg.data.coco, report)
+            check_coco(cfg.data.coco, report, cfg.data.sample_images)
         elif cfg.data.source == "synthetic":
             report.counts = split_counts(cfg, None)
         else:
