@@ -65,21 +65,28 @@ def recalibrate(trees: Path, scales: list[float], workdir: Path, extra: list[str
         print(f"recalibrated from {scale:g}: {record_outputs(cfg, registered_stages(), ArtifactStore(workdir))}")
 
 
+def _cell(p: float | None, m: float | None, div: float) -> str:
+    if p is None or m is None:
+        return "-"
+    return f"{p / div:.1f} ({100 * (p - m) / max(m, 1e-9):+.0f}%)"
+
+
 def table(trees: Path, workdir: Path, scales: list[float], extra: list[str]) -> str:
-    lines = ["| scale | stage | items | " + " | ".join(f"{t} predicted / measured (error)" for *_, t in FIGURES)
-             + " |", "|---|---|---:|" + "---:|" * len(FIGURES)]
+    """Per scale and stage: the plan made before any of the big runs, the estimate the stage started
+    with (its inputs counted: split sizes, detect's candidates), and what it measured."""
+    lines = ["| scale | stage | items | " + " | ".join(f"{t}: plan / at start / measured" for *_, t in FIGURES)
+             + " |", "|---|---|---:|" + "---|" * len(FIGURES)]
     for scale in scales:
         plan = json.loads((workdir / f"plan_{scale:g}.json").read_text())
         runs = measured(trees, scale, workdir, extra)
         for name, stage in plan["stages"].items():
             cells = []
-            for key, timing, title in FIGURES:
-                p, m = stage.get(key), runs.get(name, {}).get(timing)
+            for key, timing, _ in FIGURES:
                 div = 1.0 if key == "seconds" else 1e6
-                if p is None or m is None:
-                    cells.append("-")
-                    continue
-                cells.append(f"{p / div:.1f} / {m / div:.1f} ({100 * (p - m) / max(m, 1e-9):+.0f}%)")
+                m = runs.get(name, {}).get(timing)
+                at_start = runs.get(name, {}).get("predicted_s" if key == "seconds" else f"predicted_{key}")
+                cells.append(f"{_cell(stage.get(key), m, div)} / {_cell(at_start, m, div)} / "
+                             + ("-" if m is None else f"{m / div:.1f}"))
             lines.append(f"| {scale:g} | {name} | {stage['items']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

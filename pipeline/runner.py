@@ -24,7 +24,16 @@ from pipeline.execution.progress import emit, heartbeat
 from pipeline.execution.run_context import RunContext
 from pipeline.execution.stopping import NO_SIGNALS, StopSignals
 from pipeline.graph import SHORT_KEY, Stage, cache_materials
-from pipeline.plan.observe import StageMeter, comparison_lines, estimate_lines, record_stage, run_estimates
+from pipeline.plan.estimate import StageEstimate
+from pipeline.plan.observe import (
+    StageMeter,
+    comparison_lines,
+    detect_metrics,
+    estimate_lines,
+    predicted_timings,
+    record_stage,
+    run_estimates,
+)
 from pipeline.plan.resources import TRAIN_STAGE, check_resources
 from pipeline.tracking.client import CODE_VERSION_TAG, FAILED, FINISHED, KILLED, TrackedRun, Tracker
 from pipeline.tracking.registry import registered_model_name
@@ -170,7 +179,7 @@ def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], 
     if problems:
         raise UserError(problems[0])
     estimates = run_estimates(cfg, selected, materials=materials, cached=cached,
-                              data_output=_data_output(store, keys))
+                              data_output=_data_output(store, keys), detected=detect_metrics(store, keys))
     for line in estimate_lines(estimates):
         emit(line)
     tracker.flush_pending()  # what an earlier run could not send
@@ -186,16 +195,18 @@ def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], 
     outcomes = []
     try:
         for stage in selected:
+            if not cached[stage.name]:
+                # What the stage's inputs now tell (the split sizes, detect's candidates): its estimate
+                # at its start, the one its measured time is held against.
+                now = run_estimates(cfg, [stage], materials=materials, cached=cached,
+                                    data_output=_data_output(store, keys), detected=detect_metrics(store, keys))
+                if now[stage.name] != estimates[stage.name]:
+                    estimates.update(now)
+                    for line in estimate_lines(now):
+                        emit(line)
             outcomes.append(_run_one(stage, cfg, keys=keys, material=materials[stage.name][1], store=store,
                                      tracker=tracker, parent=parent, cluster=cluster, force=force,
-                                     config_text=config_text, stops=stops))
-            if stage.name == "data" and any(e.items is None for e in estimates.values()):
-                # The splits are counted now: the estimate of the stages still to run, before they record theirs.
-                later = selected[selected.index(stage) + 1:]
-                estimates.update(run_estimates(cfg, later, materials=materials, cached=cached,
-                                               data_output=_data_output(store, keys)))
-                for line in estimate_lines({s.name: estimates[s.name] for s in later}):
-                    emit(line)
+                                     config_text=config_text, stops=stops, estimate=estimates[stage.name]))
     except KeyboardInterrupt:
         parent.finish(KILLED, error="interrupted")
         raise
@@ -227,7 +238,7 @@ def _error_text(err: BaseException) -> str:
 
 def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], material: dict, store: ArtifactStore,
              tracker: Tracker, parent: TrackedRun, cluster: Cluster, force: bool, config_text: str,
-             stops: StopSignals = NO_SIGNALS) -> StageOutcome:
+             stops: StopSignals = NO_SIGNALS, estimate: StageEstimate | None = None) -> StageOutcome:
     key = keys[stage.name]
     start = time.perf_counter()
     if not force and store.exists(stage.name, key):
@@ -269,11 +280,13 @@ def _run_one(stage: Stage, cfg: Any, *, keys: dict[str, str], material: dict, st
         summary = [line.replace(str(made), str(out)) for line in result.summary]
         store.write_manifest(stage.name, key, version=stage.version,
                              upstream={u: keys[u] for u in stage.upstream}, run_id=run.run_id,
-                             timings={"run_s": round(seconds, 3), **measured}, metrics=metrics, summary=summary,
+                             timings={"run_s": round(seconds, 3), **measured, **predicted_timings(estimate)},
+                             metrics=metrics, summary=summary,
                              out=made, material=material)
         store.publish(stage.name, key, made)
         record_stage(cfg, stage.name, material=material, data_output=_data_output(store, keys),
-                     measured={"seconds": seconds, **measured})
+                     measured={"seconds": seconds, **measured}, metrics=metrics,
+                     detected=detect_metrics(store, keys))
     run.log_metrics(metrics)
     run.log_file(out / MANIFEST)
     if (out / PLOTS_DIR).is_dir():

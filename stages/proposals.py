@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -74,8 +75,11 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
     if "rpn" in groups:
         rpn_path = out / "rpn.pt"
         if not rpn_path.exists():
+            started = time.perf_counter()
             metrics.update(train_rpn_stage(pcfg.rpn, data_dir=Path(inputs["data"]), path=rpn_path, out=out,
                                            seed=cfg.seed, ctx=ctx))
+            # Timed on its own: it grows with the RPN's iterations, not the images (`pipeline plan`).
+            metrics["rpn_train_s"] = time.perf_counter() - started
             if metrics["rpn_started_at"]:
                 summary.append(f"proposals: RPN trained {int(metrics['rpn_iterations'])} iterations, resumed at "
                                f"iteration {int(metrics['rpn_started_at'])}")

@@ -14,6 +14,7 @@ from pipeline.graph import Stage, cache_materials
 from pipeline.plan.estimate import (
     Calibration,
     StageEstimate,
+    assumed_candidates,
     calibration_key,
     device_kind,
     estimate_stage,
@@ -22,9 +23,10 @@ from pipeline.plan.estimate import (
     one_line,
 )
 from pipeline.plan.calibrate import CALIBRATE_COST, origins
-from pipeline.plan.observe import split_counts
+from pipeline.plan.observe import detect_metrics, split_counts
 from pipeline.plan.preflight import Preflight, check_coco, check_disk, check_mcg, check_weights, read_data_output
 from pipeline.plan.resources import TRAIN_STAGE, check_resources
+from pipeline.plan.work import detect_candidates
 
 
 def _inputs(cfg: Any, runs: set[str], data_output: Path | None, report: Preflight) -> None:
@@ -68,8 +70,11 @@ def make_plan(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], f
         else:
             report.notes += calibrate_fn(cached=cached, materials=materials, device=device)
     calibration = Calibration(workdir)
+    per_image = assumed_candidates(calibration, cfg, materials.get("detect", (None, None))[1], device)
+    candidates = detect_candidates(detect_metrics(store, keys))
     estimates = {s.name: estimate_stage(s.name, cfg, material=materials[s.name][1], counts=report.counts,
-                                        cached=cached[s.name], calibration=calibration, device=device)
+                                        cached=cached[s.name], calibration=calibration, device=device,
+                                        candidates=candidates, assumed_per_image=per_image)
                  for s in selected}
     to_run = [e for e in estimates.values() if not e.cached]
     known_disk = [e for e in to_run if e.disk_bytes is not None]

@@ -1,20 +1,13 @@
-"""Each stage's cost: its work in items, and time, disk and peak memory from a calibration.
-
-Work per stage (what its cost grows with):
-  data       images of the three splits (parsed, checked or generated)
-  proposals  images of the three splits (RPN, bottom-up boxes, mix, recall; the RPN's
-             training is a fixed part)
-  train      images seen: the phases' iterations x train.images_per_batch
-  detect     images of detect.splits (at most detect.max_images each), twice with flip
-  tune       trials x minival images
-  evaluate   images of evaluate.split
+"""Each stage's time, disk and peak memory, predicted from a calibration for the work it has
+(pipeline/plan/work.py).
 
 The calibration is what earlier runs of the same stage measured on the same device kind: every
-finished stage records (items, seconds, disk bytes, peak RSS) under a key of its code, its
-config without the data set's size and paths (data.source only) and without the counts above,
-and the device kind. One record gives per-item figures; two or more at different sizes give a
-fixed part plus a per-item part (least squares), so the start-up of Ray and of the model is not
-multiplied by the image count.
+finished stage records its work, seconds, disk bytes and peak RSS under a key of its code, its
+config without the data set's size and paths (data.source only) and without the count fields
+(iterations, trials, detect.max_images), and the device kind. One record gives per-item figures;
+two or more at different sizes give a fixed part plus a per-item part (least squares), so the
+start-up of Ray and of the model is not multiplied by the image count. A part timed on its own
+(the RPN's training) is fitted against its own measure and the rest against the stage's.
 """
 from __future__ import annotations
 
@@ -27,18 +20,20 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ion.atomic import write_bytes_atomic
+from pipeline.plan.work import PARTS, Work, figure_measure, shown_measure, stage_work, time_measure, unit_of
 
 CALIBRATION_DIR = "calibration"
 MAX_RECORDS = 8  # per stage and key: the most recent sizes
 FIGURES = ("seconds", "disk_bytes", "peak_rss_bytes")
-# Config fields that only say how much work there is (the item counts above): not in the key.
-_COUNT_FIELDS = {"train": ("phases", "iterations"), "tune": ("trials",), "detect": ("max_images",)}
+# Config fields that only say how much work there is (work.py's measures): not in the key.
+_COUNT_FIELDS = {"train": ("phases", "iterations"), "tune": ("trials",), "detect": ("max_images",),
+                 "proposals": ("rpn", "iterations")}
 
 
 @dataclass(frozen=True)
 class StageEstimate:
     name: str
-    items: int | None
+    items: int | None  # the stage's work as shown (work.py): images, images seen, trial images...
     unit: str
     cached: bool
     seconds: float | None = None
@@ -46,32 +41,13 @@ class StageEstimate:
     disk_bytes: int | None = None
     peak_rss_bytes: int | None = None
     source: str = "no calibration"  # "measured: N runs (items ...)" or why there is no figure
+    work: Mapping[str, float | None] | None = None
+    assumed: tuple[str, ...] = ()  # measures not counted but assumed (candidates before detect ran)
 
     def as_json(self) -> dict[str, Any]:
-        return {"items": self.items, "seconds": self.seconds, "gpu_hours": self.gpu_hours,
-                "disk_bytes": self.disk_bytes, "peak_rss_bytes": self.peak_rss_bytes, "cached": self.cached}
-
-
-def stage_items(name: str, cfg: Any, counts: Mapping[str, int] | None) -> tuple[int | None, str]:
-    """(items, unit) of a stage's work for split sizes `counts` (None: unknown yet, or a config
-    without the stage's section)."""
-    if not hasattr(cfg, name):
-        return None, "items"
-    if name == "train":
-        return sum(p.iterations for p in cfg.train.phases) * cfg.train.images_per_batch, "images seen"
-    if counts is None:
-        return None, "images"
-    if name in ("data", "proposals"):
-        return sum(counts.values()), "images"
-    if name == "detect":
-        cap = cfg.detect.max_images
-        images = sum(min(counts.get(s, 0), cap) if cap else counts.get(s, 0) for s in cfg.detect.splits)
-        return images * (2 if cfg.detect.flip else 1), "image passes"
-    if name == "tune":
-        return cfg.tune.trials * counts.get("minival", 0), "trial images"
-    if name == "evaluate":
-        return counts.get(cfg.evaluate.split, 0), "images"
-    return None, "items"
+        return {"items": self.items, "unit": self.unit, "seconds": self.seconds, "gpu_hours": self.gpu_hours,
+                "disk_bytes": self.disk_bytes, "peak_rss_bytes": self.peak_rss_bytes, "cached": self.cached,
+                "work": dict(self.work or {}), "assumed": list(self.assumed)}
 
 
 def device_kind(runtime: Any) -> str:
@@ -84,16 +60,19 @@ def device_kind(runtime: Any) -> str:
     return "cpu"
 
 
+def _drop_path(value: Any, path: tuple[str, ...]) -> Any:
+    if isinstance(value, list):
+        return [_drop_path(item, path) for item in value]
+    if not isinstance(value, dict) or path[0] not in value:
+        return value
+    if len(path) == 1:
+        return {k: v for k, v in value.items() if k != path[0]}
+    return {**value, path[0]: _drop_path(value[path[0]], path[1:])}
+
+
 def _drop_counts(section: str, value: Any) -> Any:
     path = _COUNT_FIELDS.get(section)
-    if not path or not isinstance(value, dict):
-        return value
-    value = dict(value)
-    if len(path) == 1:
-        value.pop(path[0], None)
-    else:
-        value[path[0]] = [{k: v for k, v in item.items() if k != path[1]} for item in value.get(path[0], [])]
-    return value
+    return _drop_path(value, path) if path else value
 
 
 def calibration_key(name: str, cfg: Any, material: Mapping[str, Any], device: str) -> str:
@@ -156,54 +135,100 @@ def _fit(points: list[tuple[float, float]], *, flat: bool = False) -> tuple[floa
     return fixed, slope
 
 
-def predict(records: list[dict[str, Any]], items: int) -> dict[str, float | None]:
-    """seconds, disk_bytes, peak_rss_bytes and gpus for `items` from the records."""
-    out: dict[str, float | None] = {}
-    for figure in FIGURES:
-        points = [(float(r["items"]), float(r[figure])) for r in records if r.get(figure) is not None]
-        if not points:
-            out[figure] = None
-            continue
-        fixed, per_item = _fit(points, flat=figure == "peak_rss_bytes")
-        out[figure] = fixed + per_item * items
+def _points(records: list[dict[str, Any]], measure: str, value) -> list[tuple[float, float]]:
+    points = []
+    for r in records:
+        x, y = r.get("work", {}).get(measure), value(r)
+        if x is not None and y is not None:
+            points.append((float(x), float(y)))
+    return points
+
+
+def _at(points: list[tuple[float, float]], x: float | None, *, flat: bool = False) -> float | None:
+    if x is None or not points:
+        return None
+    fixed, per_item = _fit(points, flat=flat)
+    return fixed + per_item * x
+
+
+def predict(name: str, records: list[dict[str, Any]], work: Work) -> dict[str, float | None]:
+    """seconds, disk_bytes, peak_rss_bytes and gpus of stage `name` for `work`, from its records."""
+
+    def rest(r: dict[str, Any]) -> float | None:  # the stage's time without its separately timed parts
+        return None if r.get("seconds") is None else r["seconds"] - sum(r.get("parts", {}).values())
+
+    seconds = _at(_points(records, time_measure(name), rest), work[time_measure(name)])
+    for part, (measure, _) in PARTS.get(name, {}).items():
+        points = [(float(r["work"][measure]), float(r["parts"][part])) for r in records
+                  if part in r.get("parts", {}) and r.get("work", {}).get(measure)]
+        if seconds is not None and work[measure]:
+            extra = _at(points, work[measure])
+            seconds = None if extra is None else seconds + extra  # no record of that part yet: unknown
+    out: dict[str, float | None] = {"seconds": seconds}
+    for figure in ("disk_bytes", "peak_rss_bytes"):
+        measure = figure_measure(name, figure)
+        out[figure] = _at(_points(records, measure, lambda r, f=figure: r.get(f)), work[measure],
+                          flat=figure == "peak_rss_bytes")
     out["gpus"] = max((float(r.get("gpus", 0)) for r in records), default=0.0)
     return out
 
 
+def assumed_candidates(calibration: Calibration, cfg: Any, material: Mapping[str, Any] | None,
+                       device: str) -> float | None:
+    """Candidates per image that the calibration's detect runs kept (None: none recorded)."""
+    if material is None:
+        return None
+    ratios = [r["work"]["candidates"] / r["work"]["images"]
+              for r in calibration.records("detect", calibration_key("detect", cfg, material, device))
+              if r.get("work", {}).get("candidates") is not None and r["work"].get("images")]
+    return sum(ratios) / len(ratios) if ratios else None
+
+
 def estimate_stage(name: str, cfg: Any, *, material: Mapping[str, Any], counts: Mapping[str, int] | None,
-                   cached: bool, calibration: Calibration, device: str) -> StageEstimate:
-    items, unit = stage_items(name, cfg, counts)
+                   cached: bool, calibration: Calibration, device: str,
+                   candidates: Mapping[str, float] | None = None,
+                   assumed_per_image: float | None = None) -> StageEstimate:
+    """`candidates`: detect's candidates per image and split when it has run; else
+    `assumed_per_image` (assumed_candidates) stands in for them."""
+    work = stage_work(name, cfg, counts, candidates=candidates, assumed_candidates=assumed_per_image)
+    shown, what = work[shown_measure(name)], unit_of(shown_measure(name))
+    items = None if shown is None else int(round(shown))
     if cached:
-        return StageEstimate(name, items, unit, cached=True, seconds=0.0, gpu_hours=0.0, disk_bytes=0,
-                             peak_rss_bytes=0, source="cached: costs nothing")
-    records = calibration.records(name, calibration_key(name, cfg, material, device))
-    if items is None:
-        return StageEstimate(name, None, unit, cached=False, source="work unknown until the data stage's "
-                                                                     "inputs can be read")
+        return StageEstimate(name, items, what, cached=True, seconds=0.0, gpu_hours=0.0, disk_bytes=0,
+                             peak_rss_bytes=0, source="cached: costs nothing", work=work.measures)
+    records = [r for r in calibration.records(name, calibration_key(name, cfg, material, device)) if "work" in r]
+    if items is None or work[time_measure(name)] is None:
+        why = ("work unknown until the data stage's inputs can be read" if items is None else
+               "candidates unknown until detect runs (no calibration of detect yet)")
+        return StageEstimate(name, items, what, cached=False, source=why, work=work.measures)
     if not records:
-        return StageEstimate(name, items, unit, cached=False,
+        return StageEstimate(name, items, what, cached=False, work=work.measures, assumed=work.assumed,
                              source=f"assumed: no calibration for this model on {device} yet (any run records one)")
-    fig = predict(records, items)
-    sizes = ", ".join(str(r["items"]) for r in records)
+    fig = predict(name, records, work)
+    sizes = ", ".join(f"{r['items']:.0f}" for r in records)
+    what_fitted = unit_of(time_measure(name))
     seconds = fig["seconds"]
+    note = "; candidates per image assumed from the calibration's detect runs" if work.assumed else ""
     return StageEstimate(
-        name, items, unit, cached=False, seconds=seconds,
+        name, items, what, cached=False, seconds=seconds,
         gpu_hours=None if seconds is None else seconds * float(fig["gpus"] or 0.0) / 3600.0,
         disk_bytes=None if fig["disk_bytes"] is None else int(fig["disk_bytes"]),
         peak_rss_bytes=None if fig["peak_rss_bytes"] is None else int(fig["peak_rss_bytes"]),
-        source=f"measured on {device}: {len(records)} run(s) at {sizes} {unit}")
+        source=f"measured on {device}: {len(records)} run(s) at {sizes} {what_fitted}{note}", work=work.measures,
+        assumed=work.assumed)
 
 
-def record_run(workdir: Path, name: str, cfg: Any, *, material: Mapping[str, Any],
-               counts: Mapping[str, int] | None, measured: Mapping[str, Any], gpus: float) -> None:
+def record_run(workdir: Path, name: str, cfg: Any, *, material: Mapping[str, Any], work: Work,
+               metrics: Mapping[str, float], measured: Mapping[str, Any], gpus: float) -> None:
     """Add what a finished stage measured to the calibration (nothing when its work is unknown)."""
-    items, _ = stage_items(name, cfg, counts)
+    items = work[time_measure(name)]
     if not items:
         return
     device = device_kind(cfg.runtime)
+    parts = {part: float(metrics[metric]) for part, (_, metric) in PARTS.get(name, {}).items() if metric in metrics}
     Calibration(workdir).add(name, calibration_key(name, cfg, material, device),
-                             {"items": items, "gpus": gpus, "pid": os.getpid(),
-                              **{k: measured.get(k) for k in FIGURES}})
+                             {"items": items, "work": work.measures, "parts": parts, "gpus": gpus,
+                              "pid": os.getpid(), **{k: measured.get(k) for k in FIGURES}})
 
 
 def format_bytes(n: float | None) -> str:
@@ -231,6 +256,9 @@ def one_line(e: StageEstimate) -> str:
     if e.cached:
         return f"{e.name}: cached (costs nothing)"
     work = "? items" if e.items is None else f"{e.items} {e.unit}"
+    candidates = (e.work or {}).get("candidates")
+    if candidates is not None:
+        work += f" ({candidates:.0f} candidates{', assumed' if 'candidates' in e.assumed else ''})"
     if e.seconds is None:
         return f"{e.name}: {work}; no estimate ({e.source})"
     return (f"{e.name}: {work}, ~{format_seconds(e.seconds)}, {e.gpu_hours or 0.0:.2f} GPU-h, disk "

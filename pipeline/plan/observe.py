@@ -11,6 +11,7 @@ from ion.data.split import INDEX_FILE
 from pipeline.plan.estimate import (
     Calibration,
     StageEstimate,
+    assumed_candidates,
     device_kind,
     estimate_stage,
     format_seconds,
@@ -18,8 +19,10 @@ from pipeline.plan.estimate import (
     record_run,
 )
 from pipeline.plan.measure import disk_bytes, peak_rss_bytes, process_tree, reset_peaks
+from pipeline.plan.work import detect_candidates, measured_work
 
 DATA_STAGE = "data"
+DETECT_STAGE = "detect"
 
 
 def split_counts(cfg: Any, data_output: Path | None) -> dict[str, int] | None:
@@ -49,12 +52,24 @@ class StageMeter:
         return {"peak_rss_bytes": peak_rss_bytes(process_tree()), "disk_bytes": disk_bytes(out)}
 
 
+def detect_metrics(store: Any, keys: Mapping[str, str]) -> dict[str, float] | None:
+    """The metrics of this config's finished detect output (its candidates per image), if any."""
+    if DETECT_STAGE not in keys or not store.exists(DETECT_STAGE, keys[DETECT_STAGE]):
+        return None
+    return (store.manifest(DETECT_STAGE, keys[DETECT_STAGE]) or {}).get("metrics") or None
+
+
 def run_estimates(cfg: Any, selected: Sequence[Any], *, materials: Mapping[str, tuple[str, dict]],
-                  cached: Mapping[str, bool], data_output: Path | None) -> dict[str, StageEstimate]:
+                  cached: Mapping[str, bool], data_output: Path | None,
+                  detected: Mapping[str, float] | None = None) -> dict[str, StageEstimate]:
+    """Estimates of `selected`; `detected`: detect's metrics when its output exists (the real
+    candidate counts of tune and evaluate)."""
     counts = split_counts(cfg, data_output)
     calibration, device = Calibration(Path(cfg.runtime.workdir)), device_kind(cfg.runtime)
+    per_image = assumed_candidates(calibration, cfg, materials.get(DETECT_STAGE, (None, None))[1], device)
     return {s.name: estimate_stage(s.name, cfg, material=materials[s.name][1], counts=counts,
-                                   cached=cached[s.name], calibration=calibration, device=device)
+                                   cached=cached[s.name], calibration=calibration, device=device,
+                                   candidates=detect_candidates(detected), assumed_per_image=per_image)
             for s in selected}
 
 
@@ -68,12 +83,23 @@ def estimate_lines(estimates: Mapping[str, StageEstimate]) -> list[str]:
 
 
 def record_stage(cfg: Any, name: str, *, material: dict, data_output: Path | None,
-                 measured: Mapping[str, Any]) -> None:
+                 measured: Mapping[str, Any], metrics: Mapping[str, float],
+                 detected: Mapping[str, float] | None) -> None:
     gpus = 0.0
     if device_kind(cfg.runtime) != "cpu":
         gpus = float(cfg.runtime.train_workers if name == "train" else 1)
-    record_run(Path(cfg.runtime.workdir), name, cfg, material=material,
-               counts=split_counts(cfg, data_output), measured=measured, gpus=gpus)
+    work = measured_work(name, cfg, split_counts(cfg, data_output), metrics, detected)
+    record_run(Path(cfg.runtime.workdir), name, cfg, material=material, work=work, metrics=metrics,
+               measured=measured, gpus=gpus)
+
+
+def predicted_timings(estimate: StageEstimate | None) -> dict[str, float]:
+    """The estimate a stage started with, kept in its manifest's timings beside what it measured."""
+    if estimate is None or estimate.cached:
+        return {}
+    figures = {"predicted_s": estimate.seconds, "predicted_disk_bytes": estimate.disk_bytes,
+               "predicted_peak_rss_bytes": estimate.peak_rss_bytes}
+    return {k: float(v) for k, v in figures.items() if v is not None}
 
 
 def comparison_lines(estimates: Mapping[str, StageEstimate], measured: Mapping[str, float]) -> list[str]:
@@ -100,12 +126,14 @@ def record_outputs(cfg: Any, stages: Sequence[Any], store: Any) -> list[str]:
     materials = cache_materials(stages, cfg)
     keys = {name: key for name, (key, _) in materials.items()}
     data_output = store.path(DATA_STAGE, keys[DATA_STAGE]) if store.exists(DATA_STAGE, keys[DATA_STAGE]) else None
-    done = []
+    done, detected = [], detect_metrics(store, keys)
     for name, (key, material) in materials.items():
-        timings = (store.manifest(name, key) or {}).get("timings", {})
+        manifest = store.manifest(name, key) or {}
+        timings = manifest.get("timings", {})
         if "disk_bytes" not in timings:
             continue  # written before outputs were measured
         record_stage(cfg, name, material=material, data_output=data_output,
-                     measured={"seconds": timings["run_s"], **timings})
+                     measured={"seconds": timings["run_s"], **timings}, metrics=manifest.get("metrics", {}),
+                     detected=detected)
         done.append(name)
     return done

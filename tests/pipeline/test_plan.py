@@ -16,11 +16,12 @@ from pipeline.cli import main
 from pipeline.config import PROJECT_ROOT
 from pipeline.plan.estimate import CALIBRATION_DIR, predict
 from pipeline.plan.resources import resource_problems
+from pipeline.plan.work import Work
 from tests.helpers import tmpfs
 from tests.pipeline.test_cli import cli
 
 COCO_MINI = PROJECT_ROOT / "configs" / "coco_mini.yaml"
-STAGE_FIELDS = {"items", "seconds", "gpu_hours", "disk_bytes", "peak_rss_bytes", "cached"}
+STAGE_FIELDS = {"items", "unit", "seconds", "gpu_hours", "disk_bytes", "peak_rss_bytes", "cached", "work", "assumed"}
 
 
 def _problems(err: str) -> list[str]:
@@ -60,14 +61,58 @@ def test_json_estimate_comes_from_the_smoke_runs_calibration(smoke_run, workdir,
 
 
 def test_calibration_fit_separates_fixed_and_per_item_costs():
-    records = [{"items": 100, "seconds": 30.0, "disk_bytes": 1000, "peak_rss_bytes": None},
-               {"items": 300, "seconds": 50.0, "disk_bytes": 3000, "peak_rss_bytes": None}]
-    records[1]["peak_rss_bytes"] = 2e9
-    fig = predict(records, 1200)
+    records = [{"items": 100, "work": {"images_seen": 100}, "seconds": 30.0, "disk_bytes": 1000,
+                "peak_rss_bytes": None},
+               {"items": 300, "work": {"images_seen": 300}, "seconds": 50.0, "disk_bytes": 3000,
+                "peak_rss_bytes": 2e9}]
+    fig = predict("train", records, Work({"images_seen": 1200}))
     assert fig["seconds"] == pytest.approx(20.0 + 0.1 * 1200)  # 20 s fixed + 0.1 s per item
     assert fig["disk_bytes"] == pytest.approx(12000) and fig["peak_rss_bytes"] == 2e9
-    one = predict(records[1:], 600)  # one size: time and disk per item only, memory flat
+    one = predict("train", records[1:], Work({"images_seen": 600}))  # one size: per item only, memory flat
     assert (one["seconds"], one["disk_bytes"], one["peak_rss_bytes"]) == pytest.approx((100.0, 6000, 2e9))
+
+
+def test_rpn_training_is_fitted_on_its_own_iterations():
+    # 10 s fixed + 0.5 s per image, plus the RPN's training at 2 s per image seen (timed on its own).
+    records = [{"items": n, "work": {"images": n, "rpn_images_seen": 40}, "parts": {"rpn_training": 80.0},
+                "seconds": 10.0 + 0.5 * n + 80.0, "disk_bytes": 100 * n, "peak_rss_bytes": 1e9} for n in (20, 60)]
+    fig = predict("proposals", records, Work({"images": 1000, "rpn_images_seen": 400}))
+    assert fig["seconds"] == pytest.approx(10.0 + 0.5 * 1000 + 2.0 * 400)
+    assert fig["disk_bytes"] == pytest.approx(100 * 1000)
+
+
+def test_tune_and_evaluate_grow_with_detects_candidates(tmp_path):
+    from pipeline.config import load_config
+    from pipeline.graph import cache_materials, registered_stages
+    from pipeline.plan.estimate import Calibration, calibration_key, device_kind, estimate_stage
+
+    cfg = load_config("smoke", [], workdir=tmp_path)
+    materials = cache_materials(registered_stages(), cfg)
+    calibration, device = Calibration(tmp_path), device_kind(cfg.runtime)
+    minival = 20
+    for name, work, seconds in (("detect", {"image_passes": 40, "images": 20, "candidates": 2000}, 40.0),
+                                ("tune", {"trials": 2, "trial_images": 40, "candidates": 2000,
+                                          "trial_candidates": 4000}, 8.0)):
+        calibration.add(name, calibration_key(name, cfg, materials[name][1], device),
+                        {"items": work["image_passes" if name == "detect" else "trial_candidates"], "work": work,
+                         "parts": {}, "seconds": seconds, "disk_bytes": 10 * work["candidates"],
+                         "peak_rss_bytes": 1e9})
+    counts = {"train": 50, "minival": minival, "test": 20}
+
+    def tune(**kw):
+        return estimate_stage("tune", cfg, material=materials["tune"][1], counts=counts, cached=False,
+                              calibration=calibration, device=device, **kw)
+
+    # Detect has run: its candidates per image, 500 on minival, set the work (4x the calibration's per image).
+    known = tune(candidates={"minival": 500.0})
+    assert known.items == cfg.tune.trials * minival and known.assumed == ()
+    assert known.seconds == pytest.approx(8.0 / 4000 * cfg.tune.trials * minival * 500)
+    # Before detect: the calibration's 100 per image is assumed, and the estimate says so.
+    assumed = tune(assumed_per_image=100.0)
+    assert assumed.assumed == ("candidates",) and "assumed" in assumed.source
+    assert assumed.seconds == pytest.approx(8.0 / 4000 * cfg.tune.trials * minival * 100)
+    # Neither: no time, and why.
+    assert tune().seconds is None and "candidates unknown until detect runs" in tune().source
 
 
 def test_missing_annotation_file_is_one_line(workdir, tmp_path, capsys):
