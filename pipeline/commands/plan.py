@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ion.errors import UserError
 from pipeline.commands.flags import config_flags, invocation, load, rerun_command
 from pipeline.config import DEFAULT_CONFIG, config_path
-from ion.errors import UserError
 from pipeline.graph import registered_names, registered_stages, select_names, select_stages
 
 NAME = "plan"

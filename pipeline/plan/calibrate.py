@@ -84,7 +84,8 @@ def sample_config(cfg: Any, images: int, *, materials: Mapping[str, tuple[str, d
     for label, cut in CUTS:
         trial = cut(sample, images)
         if _keys(trial, materials, list(materials), device) == wanted:
-            sample, _ = trial, applied.append(label)
+            sample = trial
+            applied.append(label)
         else:
             left.append(label)
     return sample, applied, left
@@ -154,26 +155,24 @@ def calibrate(cfg: Any, *, stages: Sequence[Any], selected: Sequence[str], cache
         return [f"calibration: cached (records for {', '.join(measured) or 'no stage to run'} on {device} in "
                 f"{calibration.dir}); nothing to run"]
     to_run = _with_upstream(stages, missing)
-    out = sys.stderr if quiet_stdout else sys.stdout
-    lines, seconds, samples = [], 0.0, []
-    for images in sizes:
-        sample, applied, left = sample_config(cfg, images, materials=materials, device=device)
-        samples.append(sample)
-        if images == sizes[0]:
-            print(f"calibration: no records for {', '.join(missing)} on {device}: running "
-                  f"{','.join(s.name for s in to_run)} on samples of {' and '.join(map(str, sizes))} images per "
-                  f"split (data.sample_images; cut: {', '.join(applied) or 'nothing else'}"
-                  f"{'; in full: ' + ', '.join(left) if left else ''}) in {sample_dir(workdir)}", file=out,
-                  flush=True)
+    out = sys.stderr if quiet_stdout else sys.stdout  # --json: stdout holds the plan's JSON alone
+    samples = [sample_config(cfg, images, materials=materials, device=device) for images in sizes]
+    _, applied, left = samples[0]
+    print(f"calibration: no records for {', '.join(missing)} on {device}: running "
+          f"{','.join(s.name for s in to_run)} on samples of {' and '.join(map(str, sizes))} images per split "
+          f"(data.sample_images; cut: {', '.join(applied) or 'nothing else'}"
+          f"{'; in full: ' + ', '.join(left) if left else ''}) in {sample_dir(workdir)}", file=out, flush=True)
+    seconds = 0.0
+    for images, (sample, _, _) in zip(sizes, samples):
         with contextlib.redirect_stdout(out):
             seconds += _run_sample(sample, stages=stages, to_run=to_run, stops=stops, command=command,
                                    tracking_uri=tracking_uri_for(workdir), images=images)
-    added = _merge(cfg, samples, names=[s.name for s in to_run], materials=materials, device=device)
+    added = _merge(cfg, [s for s, _, _ in samples], names=[s.name for s in to_run], materials=materials,
+                   device=device)
     # The sample's outputs (checkpoints of the configured model) served their purpose: its records stay.
     shutil.rmtree(sample_dir(workdir) / "artifacts", ignore_errors=True)
-    lines.append(f"calibration: measured {', '.join(f'{n} ({k} records)' for n, k in added.items())} on "
-                 f"{device} by the sample runs in {format_seconds(seconds)} (log: {sample_dir(workdir) / 'logs'})")
-    return lines
+    return [f"calibration: measured {', '.join(f'{n} ({k} records)' for n, k in added.items())} on {device} by "
+            f"the sample runs in {format_seconds(seconds)} (log: {sample_dir(workdir) / 'logs'})"]
 
 
 def _merge(cfg: Any, samples: Sequence[Any], *, names: Sequence[str], materials: Mapping[str, tuple[str, dict]],

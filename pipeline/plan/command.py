@@ -11,6 +11,7 @@ from typing import Any, Sequence
 from ion.errors import UserError
 from pipeline.cache.store import ArtifactStore
 from pipeline.graph import Stage, cache_materials
+from pipeline.plan.calibrate import CALIBRATE_COST, origins
 from pipeline.plan.estimate import (
     Calibration,
     StageEstimate,
@@ -22,7 +23,6 @@ from pipeline.plan.estimate import (
     format_seconds,
     one_line,
 )
-from pipeline.plan.calibrate import CALIBRATE_COST, origins
 from pipeline.plan.observe import detect_metrics, split_counts
 from pipeline.plan.preflight import Preflight, check_coco, check_disk, check_mcg, check_weights, read_data_output
 from pipeline.plan.resources import TRAIN_STAGE, check_resources
@@ -66,7 +66,8 @@ def make_plan(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], f
     device = device_kind(cfg.runtime)
     if calibrate_fn is not None:
         if report.problems:
-            report.notes.append("calibration: not run (the preflight found problems: the sample would stop on them too)")
+            report.notes.append("calibration: not run (the preflight found problems: the sample would stop on "
+                                "them too)")
         else:
             report.notes += calibrate_fn(cached=cached, materials=materials, device=device)
     calibration = Calibration(workdir)
