@@ -2,7 +2,7 @@
 before its first run, by running it on a sample.
 
 The calibration run is the user's config cut down (data.sample_images images per split, a few
-training iterations per phase, a few RPN iterations, one tuning trial) run through the same
+training iterations per phase, a few RPN iterations, a trial or a few) run through the same
 runner as `run` (its Ray workers, devices, progress lines and log), twice, at SAMPLE_IMAGES and
 twice as many, so that each stage's fit (pipeline/plan/estimate.py) separates a fixed part
 (starting Ray, building the model) from a per-item part. Only the fields that count work are cut:
@@ -54,7 +54,10 @@ def _rpn(cfg: Any, images: int) -> Any:
 
 
 def _trials(cfg: Any, images: int) -> Any:
-    return dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, trials=1))
+    # A trial every 4 sample images (at least one): the two samples differ in trials as well as in
+    # candidates, whose count the barely trained sample models do not keep in step with the images.
+    trials = min(cfg.tune.trials, max(1, images // 4))
+    return dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, trials=trials))
 
 
 # The work counts a sample cuts, each with what it cuts: applied only where no calibration key changes.

@@ -49,7 +49,7 @@ def test_calibrate_measures_every_stage_once_then_is_cached(workdir, capsys):
     # Two sizes where the sample cuts the work: images per split, training iterations (1 and 2 per phase).
     assert sorted(r["items"] for r in records["data"]) == [6, 12]
     assert sorted(r["items"] for r in records["train"]) == [2 * 2, 4 * 2]  # iterations x images_per_batch
-    assert sorted(r["work"]["trial_images"] for r in records["tune"]) == [2, 4]  # one trial x minival images
+    assert sorted(r["work"]["trial_images"] for r in records["tune"]) == [2, 4]  # 1 trial (1 per 4 images) x minival
     assert sorted(r["work"]["rpn_images_seen"] for r in records["proposals"]) == [2 * 1, 4 * 1]  # iterations x batch
     assert not (sample_dir(workdir) / "artifacts").exists()  # its outputs are removed, its log is kept
     logs = sorted((sample_dir(workdir) / "logs").iterdir())
