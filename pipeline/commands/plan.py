@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ion.errors import UserError
-from pipeline.commands.flags import config_flags, invocation, load, rerun_command
+from pipeline.commands.flags import config_flags, load, rerun_command
 from pipeline.config import DEFAULT_CONFIG, config_path
 from pipeline.graph import registered_names, registered_stages, select_names, select_stages
 
@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
         from pipeline.plan.calibrate import calibrate as run_calibration
 
         return run_calibration(cfg, stages=stages, selected=[s.name for s in selected], cached=cached,
-                               materials=materials, device=device, stops=args.stops, command=invocation(args.argv),
-                               quiet_stdout=args.json, sizes=(sample, 2 * sample))
+                               materials=materials, device=device, quiet_stdout=args.json,
+                               sizes=(sample, 2 * sample))
 
     return run_plan(cfg, stages=stages, selected=selected, as_json=args.json, force=args.force,
                     config_file=config_path(args.config or DEFAULT_CONFIG), argv=args.argv,

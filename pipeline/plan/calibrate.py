@@ -2,10 +2,11 @@
 before its first run, by running it on a sample.
 
 The calibration run is the user's config cut down (data.sample_images images per split, a few
-training iterations per phase, a few RPN iterations, a trial or a few) run through the same
-runner as `run` (its Ray workers, devices, progress lines and log), twice, at SAMPLE_IMAGES and
-twice as many, so that each stage's fit (pipeline/plan/estimate.py) separates a fixed part
-(starting Ray, building the model) from a per-item part. Only the fields that count work are cut:
+training iterations per phase, a few RPN iterations, a trial or a few) run by `python -m pipeline
+run` in a process of its own, as a user's run is (the same Ray cluster and devices, its start-up
+and memory, its progress lines and log), twice, at SAMPLE_IMAGES and twice as many, so that
+each stage's fit (pipeline/plan/estimate.py) separates a fixed part (starting Ray, building the
+model) from a per-item part. Only the fields that count work are cut:
 they are not part of the calibration key, so what the sample measures is filed under the full
 config's key; a cut that would change a key is left out (the sample then runs that part in full).
 
@@ -18,12 +19,16 @@ nothing ("calibration: cached").
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import os
+import shlex
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TextIO
 
 from pipeline.plan.estimate import CALIBRATION_DIR, Calibration, calibration_key, format_seconds
 
@@ -120,32 +125,49 @@ def _with_upstream(stages: Sequence[Any], names: Sequence[str]) -> list[Any]:
     return [s for s in stages if s.name in needed]
 
 
-def _run_sample(sample: Any, *, stages: Sequence[Any], to_run: Sequence[Any], stops: Any, tracking_uri: str,
-                command: str, images: int) -> float:
-    """One calibration run through the runner, as `run` does it; its seconds."""
-    import time
-
-    from pipeline.execution.session import stage_session
-    from pipeline.runner import run_stages
-    from pipeline.tracking.client import Tracker
+def _run_sample(sample: Any, *, to_run: Sequence[Any], tracking_uri: str, images: int, out: TextIO) -> float:
+    """One calibration run: `python -m pipeline run` on the sample's config in a process of its own,
+    as a user's run is (its start-up, its memory), its lines passed on to `out`; its seconds."""
+    from ion.atomic import write_bytes_atomic
+    from ion.schema import to_yaml
+    from pipeline.execution.session import ReportedError
+    from pipeline.tracking.uri import TRACKING_URI_ENV
 
     workdir = Path(sample.runtime.workdir)
-    headline = (f"calibration run: {images} images per split | workdir {workdir} | "
-                f"stages {','.join(s.name for s in to_run)}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / f"config-{images}.yaml"
+    write_bytes_atomic(config, to_yaml(sample).encode("utf-8"))
+    command = [sys.executable, "-m", "pipeline", "run", "--config", str(config), "--workdir", str(workdir),
+               "--stages", ",".join(s.name for s in to_run)]
+    print(f"calibration run: {images} images per split: {shlex.join(['python', *command[1:]])}", file=out,
+          flush=True)
+    # The user's MLflow store (the sample's own experiment, ion-<name>-calibration), the same Ray cluster.
+    env = {**os.environ, TRACKING_URI_ENV: tracking_uri}
     started = time.perf_counter()
-    with stage_session(workdir, headline=headline, stops=stops, probe_tracking=False) as session:
-        # The user's MLflow store, an experiment of its own: the sample's runs are not the config's.
-        tracker = Tracker(tracking_uri=tracking_uri, experiment=sample.name, workdir=workdir, config_file=None)
-        tracker.check_reachable()
-        run_stages(sample, stages=stages, selected=to_run, tracker=tracker, command=command,
-                   run_name=f"calibration {images}", tags={"calibration": "true", "command": command},
-                   stops=session.stops)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, bufsize=1)
+    try:
+        for line in proc.stdout:
+            out.write(line)
+            out.flush()
+        code = proc.wait()
+    except KeyboardInterrupt as err:  # SIGTERM or Ctrl-C: the run stops at its safe point, as `run` does
+        proc.send_signal(getattr(err, "signum", None) or signal.SIGINT)
+        proc.wait()
+        raise
+    finally:
+        proc.stdout.close()
+    if code != 0:
+        # Exit 2 has said why in one line (stderr); anything else is named here.
+        if code != 2:
+            print(f"error: the calibration run exited with status {code} (its log: {workdir / 'logs'}); "
+                  f"nothing was added to the calibration", file=sys.stderr)
+        raise ReportedError(f"calibration run exited with status {code}")
     return time.perf_counter() - started
 
 
 def calibrate(cfg: Any, *, stages: Sequence[Any], selected: Sequence[str], cached: Mapping[str, bool],
-              materials: Mapping[str, tuple[str, dict]], device: str, stops: Any, command: str,
-              quiet_stdout: bool = False, sizes: Sequence[int] = (SAMPLE_IMAGES, 2 * SAMPLE_IMAGES)) -> list[str]:
+              materials: Mapping[str, tuple[str, dict]], device: str, quiet_stdout: bool = False,
+              sizes: Sequence[int] = (SAMPLE_IMAGES, 2 * SAMPLE_IMAGES)) -> list[str]:
     """Run the sample for the selected stages with no records (nothing when every one has some)
     and add its records to the calibration. Returns the note lines for the plan."""
     from pipeline.tracking.uri import tracking_uri_for
@@ -167,9 +189,8 @@ def calibrate(cfg: Any, *, stages: Sequence[Any], selected: Sequence[str], cache
           f"{'; in full: ' + ', '.join(left) if left else ''}) in {sample_dir(workdir)}", file=out, flush=True)
     seconds = 0.0
     for images, (sample, _, _) in zip(sizes, samples):
-        with contextlib.redirect_stdout(out):
-            seconds += _run_sample(sample, stages=stages, to_run=to_run, stops=stops, command=command,
-                                   tracking_uri=tracking_uri_for(workdir), images=images)
+        seconds += _run_sample(sample, to_run=to_run, tracking_uri=tracking_uri_for(workdir), images=images,
+                               out=out)
     added = _merge(cfg, [s for s, _, _ in samples], names=[s.name for s in to_run], materials=materials,
                    device=device)
     # The sample's outputs (checkpoints of the configured model) served their purpose: its records stay.

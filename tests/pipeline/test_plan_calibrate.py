@@ -54,11 +54,12 @@ def test_calibrate_measures_every_stage_once_then_is_cached(workdir, capsys):
     assert not (sample_dir(workdir) / "artifacts").exists()  # its outputs are removed, its log is kept
     logs = sorted((sample_dir(workdir) / "logs").iterdir())
     assert len(logs) == 2
+    # The sample's runs are filed in the workdir's store under an experiment of their own.
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("ion-smoke-calibration")
-    parents = client.search_runs([experiment.experiment_id], "tags.calibration = 'true'")
-    assert sorted(r.info.run_name for r in parents) == ["smoke-calibration: calibration 2",
-                                                      "smoke-calibration: calibration 4"]
+    sample_runs = client.search_runs([client.get_experiment_by_name("ion-smoke-calibration").experiment_id])
+    assert [r.info.run_name for r in sample_runs].count(f"smoke-calibration: {','.join(STAGES)}") == 2
+    own_runs = client.search_runs([client.get_experiment_by_name("ion-smoke").experiment_id])
+    assert {r.info.run_name for r in own_runs} == {"smoke: plan"}
 
     # The second call: the records are there, nothing runs.
     assert main(["plan", *SMOKE, "--workdir", str(workdir), "--calibrate", "--json"]) == 0
