@@ -130,6 +130,7 @@ def _run_sample(sample: Any, *, to_run: Sequence[Any], tracking_uri: str, images
     as a user's run is (its start-up, its memory), its lines passed on to `out`; its seconds."""
     from ion.atomic import write_bytes_atomic
     from ion.schema import to_yaml
+    from pipeline.config import PROJECT_ROOT
     from pipeline.execution.session import ReportedError
     from pipeline.tracking.uri import TRACKING_URI_ENV
 
@@ -141,8 +142,10 @@ def _run_sample(sample: Any, *, to_run: Sequence[Any], tracking_uri: str, images
                "--stages", ",".join(s.name for s in to_run)]
     print(f"calibration run: {images} images per split: {shlex.join(['python', *command[1:]])}", file=out,
           flush=True)
-    # The user's MLflow store (the sample's own experiment, ion-<name>-calibration), the same Ray cluster.
-    env = {**os.environ, TRACKING_URI_ENV: tracking_uri}
+    # The user's MLflow store (the sample's own experiment, ion-<name>-calibration), the same Ray
+    # cluster, and this very code (its fingerprint is part of the calibration key).
+    path = os.pathsep.join(p for p in (str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, TRACKING_URI_ENV: tracking_uri, "PYTHONPATH": path}
     started = time.perf_counter()
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, bufsize=1)
     try:
