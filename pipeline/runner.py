@@ -200,7 +200,7 @@ def run_stages(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], 
                 # at its start, the one its measured time is held against.
                 now = run_estimates(cfg, [stage], materials=materials, cached=cached,
                                     data_output=_data_output(store, keys), detected=detect_metrics(store, keys))
-                if now[stage.name] != estimates[stage.name]:
+                if now[stage.name] != estimates[stage.name] and now[stage.name].seconds is not None:
                     estimates.update(now)
                     for line in estimate_lines(now):
                         emit(line)

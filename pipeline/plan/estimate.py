@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ion.atomic import write_bytes_atomic
-from pipeline.plan.work import PARTS, Work, figure_measure, shown_measure, stage_work, time_measure, unit_of
+from pipeline.plan.work import (
+    PARTS,
+    Work,
+    figure_measure,
+    flat_memory,
+    shown_measure,
+    stage_work,
+    time_measure,
+    unit_of,
+)
 
 CALIBRATION_DIR = "calibration"
 MAX_RECORDS = 8  # per stage and key: the most recent sizes
@@ -144,9 +153,14 @@ def _points(records: list[dict[str, Any]], measure: str, value) -> list[tuple[fl
     return points
 
 
-def _at(points: list[tuple[float, float]], x: float | None, *, flat: bool = False) -> float | None:
+def _at(points: list[tuple[float, float]], x: float | None, *, flat: bool = False,
+        flat_in_work: bool = False) -> float | None:
+    """The fit through `points` at `x`; `flat_in_work`: the largest y whatever x (a streamed stage's
+    memory: two nearby sizes' noise would otherwise extrapolate to a slope)."""
     if x is None or not points:
         return None
+    if flat_in_work:
+        return max(y for _, y in points)
     fixed, per_item = _fit(points, flat=flat)
     return fixed + per_item * x
 
@@ -167,8 +181,9 @@ def predict(name: str, records: list[dict[str, Any]], work: Work) -> dict[str, f
     out: dict[str, float | None] = {"seconds": seconds}
     for figure in ("disk_bytes", "peak_rss_bytes"):
         measure = figure_measure(name, figure)
-        out[figure] = _at(_points(records, measure, lambda r, f=figure: r.get(f)), work[measure],
-                          flat=figure == "peak_rss_bytes")
+        memory = figure == "peak_rss_bytes"
+        out[figure] = _at(_points(records, measure, lambda r, f=figure: r.get(f)), work[measure], flat=memory,
+                          flat_in_work=memory and flat_memory(name))
     out["gpus"] = max((float(r.get("gpus", 0)) for r in records), default=0.0)
     return out
 

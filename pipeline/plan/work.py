@@ -25,7 +25,9 @@ from typing import Any, Mapping
 TIME_BY = {"data": "images", "proposals": "images", "train": "images_seen", "detect": "image_passes",
            "tune": "trial_candidates", "evaluate": "candidates"}
 DISK_BY = {"detect": "candidates", "tune": "trials"}
-RSS_BY = {"tune": "candidates"}  # each trial's worker holds minival's candidates
+# Peak memory grows only where a process holds a whole split: the data stage its annotation JSON,
+# each tune worker minival's candidates. Every other stage streams, so its peak is flat in the work.
+RSS_BY = {"data": "images", "tune": "candidates"}
 # What a stage's work is shown as (its items), where not the time's measure.
 SHOWN_BY = {"tune": "trial_images", "evaluate": "images"}
 UNITS = {"images": "images", "images_seen": "images seen", "image_passes": "image passes",
@@ -127,6 +129,11 @@ def time_measure(name: str) -> str:
 def figure_measure(name: str, figure: str) -> str:
     table = {"seconds": TIME_BY, "disk_bytes": DISK_BY, "peak_rss_bytes": RSS_BY}[figure]
     return table.get(name, time_measure(name))
+
+
+def flat_memory(name: str) -> bool:
+    """Whether the stage's peak RSS is flat in its work (streamed: RSS_BY)."""
+    return name not in RSS_BY
 
 
 def shown_measure(name: str) -> str:

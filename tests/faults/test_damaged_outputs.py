@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
+
+import pytest
 
 from tests.faults.conftest import assert_ok, assert_one_error_line, finish, run, stage_results, start
 
 
 def test_torn_study_journal_is_repaired_on_rerun(shared_run, tmp_path):
     workdir = shared_run.copy(tmp_path)
+    shutil.copytree(shared_run.workdir / "calibration", workdir / "calibration")
     tune = workdir / "artifacts" / "tune" / shared_run.artifact("tune").name
     (tune / "manifest.json").unlink()  # the run that was writing the journal was killed: no manifest
     journal = tune / "study.journal"
@@ -19,6 +23,13 @@ def test_torn_study_journal_is_repaired_on_rerun(shared_run, tmp_path):
     proc = run(workdir, "--stages", "tune")
     assert_ok(proc)
     assert "dropped a torn last record" in proc.stdout
+    # The estimate the stage started with counts detect's candidates; the run that calibrated it did
+    # the same work, so it predicts that run's time and keeps the prediction in the manifest.
+    start_line = [line for line in proc.stdout.splitlines() if line.startswith("estimate: tune: ")]
+    assert len(start_line) == 1 and " candidates)" in start_line[0] and "assumed" not in start_line[0]
+    timings = json.loads((tune / "manifest.json").read_text())["timings"]
+    reference = json.loads((shared_run.artifact("tune") / "manifest.json").read_text())["timings"]
+    assert timings["predicted_s"] == pytest.approx(reference["run_s"], rel=1e-3)
     assert json.loads((tune / "best.json").read_text()) == json.loads(
         (shared_run.artifact("tune") / "best.json").read_text())
 

@@ -72,6 +72,15 @@ def test_calibration_fit_separates_fixed_and_per_item_costs():
     assert (one["seconds"], one["disk_bytes"], one["peak_rss_bytes"]) == pytest.approx((100.0, 6000, 2e9))
 
 
+def test_peak_memory_grows_only_where_a_split_is_held_whole():
+    records = [{"items": n, "work": {"images": n, "images_seen": n}, "seconds": 1.0, "disk_bytes": 1,
+                "peak_rss_bytes": rss} for n, rss in ((100, 1.0e9), (300, 1.2e9))]
+    # The data stage holds the annotation JSON: 0.9 GB + 1 MB per image.
+    assert predict("data", records, Work({"images": 1200}))["peak_rss_bytes"] == pytest.approx(2.1e9)
+    # Training streams its images: the largest peak measured, whatever the work.
+    assert predict("train", records, Work({"images_seen": 1200}))["peak_rss_bytes"] == 1.2e9
+
+
 def test_rpn_training_is_fitted_on_its_own_iterations():
     # 10 s fixed + 0.5 s per image, plus the RPN's training at 2 s per image seen (timed on its own).
     records = [{"items": n, "work": {"images": n, "rpn_images_seen": 40}, "parts": {"rpn_training": 80.0},
