@@ -42,6 +42,12 @@ class DetectConfig:
                           "float32); ignored on the CPU"})
     max_images: Optional[int] = field(
         default=None, metadata={"help": "detect only the first N images of each split (debugging)", "min": 1})
+    # A barely trained model scores every class of every ROI alike: all 4000 x 80 x 2 rounds pass
+    # score_thresh or none does, so the candidate count, detect's disk and the work of tune and
+    # evaluate follow the model, not the images. A cap bounds them.
+    max_candidates: Optional[int] = field(
+        default=None, metadata={"help": "keep at most this many candidates per image and set, the highest "
+                                        "scores (none: every one >= score_thresh)", "min": 1})
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The detect stage: the trained detector run once over minival and test with
 the test proposal mix, keeping every candidate any NMS / voting threshold could
-use (score >= detect.score_thresh), so tune and evaluate never run the network.
+use (score >= detect.score_thresh; at most detect.max_candidates per image, the
+best), so tune and evaluate never run the network.
 
     <out>/parts/<set>_<split>/       finished shards of images (a killed run resumes; deleted
                                      once the split's stores below are written)
@@ -26,7 +27,7 @@ from ion.data.split import DetectionSplit
 from ion.inference.predict import predict_raw
 from proposals.store import ProposalStore, Shard, ShardedWriter, remove_parts, write_shard
 from stages.contract import StageContext, StageResult
-from stages.helpers.raw_detections import ROUND1, as_item, round_one, write_raw
+from stages.helpers.raw_detections import ROUND1, as_item, round_one, top_candidates, write_raw
 from stages.helpers.worker_cache import cached, worker_device
 from stages.train import load_trained_detector
 
@@ -51,6 +52,7 @@ class DetectTask:
     two_rounds: bool
     round2: str
     amp: str  # detect.amp, applied only where the detector runs on a GPU
+    max_candidates: int | None  # per image and set
 
 
 def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResult:
@@ -78,7 +80,7 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
                                 train_dir=str(inputs["train"]),
                                 parts_dirs={s: str(w.directory) for s, w in writers.items()},
                                 flip=dcfg.flip, score_thresh=dcfg.score_thresh, two_rounds=dcfg.two_rounds,
-                                round2=dcfg.round2, amp=dcfg.amp)
+                                round2=dcfg.round2, amp=dcfg.amp, max_candidates=dcfg.max_candidates)
                      for shard in pending]
             if tasks:
                 started = time.perf_counter()
@@ -96,8 +98,9 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
         if computed:
             metrics[f"{split_name}_images_per_s"] = computed / seconds
         metrics[f"{split_name}_candidates_per_image"] = candidates / max(1, len(ids))
+        cap = f", at most {dcfg.max_candidates}" if dcfg.max_candidates else ""
         summary.append(f"{split_name}: {len(ids)} images, {candidates / max(1, len(ids)):.0f} candidates per image "
-                       f"(score >= {dcfg.score_thresh})"
+                       f"(score >= {dcfg.score_thresh}{cap})"
                        + (f", {computed / seconds:.1f} images/s" if computed else ", all shards cached"))
     return StageResult(metrics=metrics, summary=summary)
 
@@ -124,7 +127,7 @@ def detect_shard(task: DetectTask) -> int:
                               amp=amp)
             raw[ROUND1] = round_one(raw["plain"])
             for name in per_set:
-                per_set[name].append(as_item(image_id, raw[name]))
+                per_set[name].append(as_item(image_id, top_candidates(raw[name], task.max_candidates)))
     for name, items in per_set.items():
         write_shard(task.parts_dirs[name], task.shard, items)
     return len(task.images)

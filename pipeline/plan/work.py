@@ -88,7 +88,8 @@ def stage_work(name: str, cfg: Any, counts: Mapping[str, int] | None, *,
         if assumed_candidates is None:
             return None
         assumed.append("candidates")
-        return images * assumed_candidates
+        cap = getattr(getattr(cfg, "detect", None), "max_candidates", None)
+        return images * (assumed_candidates if cap is None else min(assumed_candidates, float(cap)))
 
     if name == "detect":
         cap = cfg.detect.max_images

@@ -44,6 +44,15 @@ def round_one(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {key: value[first] for key, value in raw.items()}
 
 
+def top_candidates(raw: dict[str, np.ndarray], limit: int | None) -> dict[str, np.ndarray]:
+    """At most `limit` candidates of one image's set: the highest scores (ties: the earlier), kept in
+    their order. None: all of them."""
+    if limit is None or raw["scores"].shape[0] <= limit:
+        return raw
+    keep = np.sort(np.argsort(-raw["scores"], kind="stable")[:limit])
+    return {key: value[keep] for key, value in raw.items()}
+
+
 def write_raw(path: Path, items: Iterable[tuple], *, categories: CategoryMap, attrs: dict) -> Path:
     """Write `items` (image_id, boxes, scores, labels int8) atomically to `path`."""
     return write_store(path, items, {"source_names": label_names(categories), "content": "raw detections",

@@ -17,6 +17,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
+import stages.detect as detect_stage
 import stages.evaluate as evaluate_stage
 import stages.tune as tune_stage
 from ion.data.split import DetectionSplit
@@ -28,8 +29,8 @@ from ion.evaluation.results import to_coco_results, validate_results
 from ion.inference.predict import predict_raw
 from ion.inference.tuning import Thresholds, apply_thresholds, objective
 from pipeline.config import PROJECT_ROOT
-from proposals.store import ProposalStore
-from stages.helpers.raw_detections import label_names, read_raw
+from proposals.store import ProposalStore, ShardedWriter
+from stages.helpers.raw_detections import label_names, read_raw, top_candidates
 from stages.train import load_trained_detector
 from tests.helpers import SMOKE_CONFIG, FakeContext, copy_artifact, without_test_annotations
 
@@ -73,6 +74,38 @@ def test_raw_cache_equals_running_the_detector(smoke_run):
         np.testing.assert_array_equal(cached.scores, direct[which]["scores"])
         np.testing.assert_array_equal(cached.labels, direct[which]["labels"])
         assert cached.labels.dtype == np.int64
+
+
+def test_top_candidates_keeps_the_best_in_their_order():
+    raw = {"scores": np.array([0.2, 0.9, 0.2, 0.5, 0.1], np.float32), "labels": np.arange(1, 6),
+           "round": np.array([1, 1, 2, 2, 2], np.int8)}
+    kept = top_candidates(raw, 3)
+    assert kept["scores"].tolist() == pytest.approx([0.2, 0.9, 0.5])  # of the two 0.2s, the earlier
+    assert kept["labels"].tolist() == [1, 2, 4] and kept["round"].tolist() == [1, 1, 2]
+    assert top_candidates(raw, None) is raw and top_candidates(raw, 5) is raw
+
+
+def test_detect_keeps_at_most_max_candidates_per_image_and_set(smoke_run, tmp_path):
+    dirs, dcfg = smoke_run.dirs, smoke_run.cfg.detect
+    split = DetectionSplit.load(dirs["data"], "minival")
+    records, sets = split.images[:2], ("plain", "round1", "flip")
+    ids = [r.image_id for r in records]
+    writers = {s: ShardedWriter(tmp_path / s, ids, images_per_shard=len(ids)) for s in sets}
+    task = detect_stage.DetectTask(
+        split="minival", shard=writers["plain"].shards[0],
+        images=tuple((r.image_id, str(r.path), r.width, r.height) for r in records),
+        proposals=str(dirs["proposals"] / "mixed_minival.h5"), train_dir=str(dirs["train"]),
+        parts_dirs={s: str(w.directory) for s, w in writers.items()}, flip=True, score_thresh=dcfg.score_thresh,
+        two_rounds=dcfg.two_rounds, round2=dcfg.round2, amp="off", max_candidates=7)
+    assert detect_stage.detect_shard(task) == 2
+    full = {s: read_raw(dirs["detect"] / f"raw_minival_{s}.h5") for s in sets}
+    for s in sets:
+        for image_id, boxes, scores, *_ in writers[s].iter_items():
+            whole = full[s][image_id]
+            assert len(whole.scores) > 7 and len(scores) == 7
+            best = np.sort(np.argsort(-whole.scores, kind="stable")[:7])
+            np.testing.assert_array_equal(scores, whole.scores[best])
+            np.testing.assert_array_equal(boxes, whole.boxes[best])
 
 
 # ----------------------------------------------------------------------------- tune
