@@ -1,10 +1,12 @@
 """`python -m pipeline plan --calibrate`: a workdir with no calibration gets every stage's time,
 disk and memory measured by two sample runs through the runner, filed under the full config's
-keys; the second call finds them and runs nothing; a SIGTERM during the sample writes no record."""
+keys; the second call finds them and runs nothing; a SIGTERM or a full disk during the sample
+ends `plan` (143, or 2 with one line) with no record written."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +15,8 @@ from pipeline.cli import main
 from pipeline.config import PROJECT_ROOT
 from pipeline.plan.calibrate import sample_dir
 from pipeline.plan.estimate import CALIBRATION_DIR
+from tests.helpers import tmpfs
+from tests.pipeline.test_cli import cli
 
 STAGES = ["data", "proposals", "train", "detect", "tune", "evaluate"]
 SMOKE = ["--config", "configs/smoke.yaml"]
@@ -89,3 +93,16 @@ def test_sigterm_during_the_sample_records_nothing(workdir):
     assert "estimate on" not in out
     assert _records(workdir) == {}  # and no torn file: records are only added once both samples finished
     assert sorted(p.name for p in (workdir / CALIBRATION_DIR).iterdir()) == ["sample"]
+
+
+def test_a_full_disk_during_the_sample_is_one_line_and_records_nothing(tmp_path, mlflow_db_template):
+    with tmpfs(tmp_path / "tmpfs", 4) as workdir:  # a real 4 MiB tmpfs: the sample's proposals do not fit
+        shutil.copy(mlflow_db_template, workdir / "mlflow.db")
+        proc = cli("plan", *SMOKE, "--workdir", str(workdir), "--calibrate", "--sample-images", "2")
+        assert proc.returncode == 2 and "calibration run: 2 images per split" in proc.stdout
+        # The sample run's own line, naming the file and the fix; plan adds none, and no traceback.
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert errors[0].startswith(f"error: {sample_dir(workdir)}/artifacts/") and "no space left" in errors[0]
+        assert _records(workdir) == {}
+        assert "estimate on" not in proc.stdout
