@@ -103,6 +103,6 @@ def test_a_full_disk_during_the_sample_is_one_line_and_records_nothing(tmp_path,
         # The sample run's own line, naming the file and the fix; plan adds none, and no traceback.
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
-        assert errors[0].startswith(f"error: {sample_dir(workdir)}/artifacts/") and "no space left" in errors[0]
+        assert errors[0].startswith(f"error: {sample_dir(workdir)}/") and "no space left" in errors[0]
         assert _records(workdir) == {}
         assert "estimate on" not in proc.stdout
