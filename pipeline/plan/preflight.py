@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ion.data.coco import ValidationReport
-from ion.data.coco_splits import SPLITS, build_coco_splits
+from ion.data.coco_splits import SPLITS, build_coco_splits, sample_splits
 from ion.errors import UserError
 from pipeline.plan.estimate import format_bytes
 
@@ -52,8 +52,9 @@ def _path(value: str | None) -> Path | None:
     return None if value is None else Path(value)
 
 
-def check_coco(coco: Any, report: Preflight) -> None:
-    """The data stage's validation of cfg.data.coco, images stat-ed in threads, a sample decoded."""
+def check_coco(coco: Any, report: Preflight, sample_images: int | None = None) -> None:
+    """The data stage's validation of cfg.data.coco, images stat-ed in threads, a sample decoded;
+    the splits' sizes as the data stage cuts them (data.sample_images)."""
     from ion.data.images import load_image
 
     splits = report.attempt(lambda: build_coco_splits(
@@ -65,6 +66,7 @@ def check_coco(coco: Any, report: Preflight) -> None:
         check_image_files=coco.check_image_files, report=ValidationReport(), map_fn=_thread_map))
     if splits is None:
         return
+    splits = sample_splits(splits, sample_images)
     report.counts = {name: len(splits[name].coco["images"]) for name in SPLITS}
     report.images = {name: [(img["id"], str(splits[name].image_dir / img["file_name"]))
                             for img in splits[name].coco["images"]] for name in SPLITS}

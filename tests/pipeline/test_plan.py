@@ -36,6 +36,7 @@ def test_default_config_plans_with_no_problem_and_logs_a_run(workdir, capsys):
     assert _problems(err) == []
     assert "preflight: 0 problem(s)" in out and "images: train 600, minival 150, test 150" in out
     assert "train: 2640 images seen" in out  # (30 + 600 + 30) iterations x 4 images
+    assert "`python -m pipeline plan --calibrate` measures every stage on two small samples" in out  # no calibration
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ion-default").experiment_id])
     assert [r.info.run_name for r in runs] == ["default: plan"]
