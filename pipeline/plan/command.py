@@ -24,9 +24,17 @@ from pipeline.plan.estimate import (
     one_line,
 )
 from pipeline.plan.observe import detect_metrics, split_counts
-from pipeline.plan.preflight import Preflight, check_coco, check_disk, check_mcg, check_weights, read_data_output
+from pipeline.plan.preflight import (
+    Preflight,
+    check_coco,
+    check_disk,
+    check_mcg,
+    check_rpn_weights,
+    check_weights,
+    read_data_output,
+)
 from pipeline.plan.resources import TRAIN_STAGE, check_resources
-from pipeline.plan.work import detect_candidates
+from pipeline.plan.work import detect_candidates, uses_rpn
 
 
 def _inputs(cfg: Any, runs: set[str], data_output: Path | None, report: Preflight) -> None:
@@ -42,6 +50,8 @@ def _inputs(cfg: Any, runs: set[str], data_output: Path | None, report: Prefligh
         read_data_output(data_output, report)
     if "proposals" in runs and cfg.proposals.bottom_up == "mcg" and cfg.proposals.mcg.dir:
         check_mcg(cfg.proposals.mcg, report)
+    if "proposals" in runs and uses_rpn(cfg.proposals):
+        check_rpn_weights(cfg.proposals.rpn, report)
     if TRAIN_STAGE in runs:
         check_weights(cfg.model, 1, report)
 

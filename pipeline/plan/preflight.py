@@ -126,6 +126,15 @@ def check_weights(model: Any, num_classes: int, report: Preflight) -> None:
     report.attempt(lambda: build_detector(model, num_classes=max(num_classes, 1)))
 
 
+def check_rpn_weights(rpn: Any, report: Preflight) -> None:
+    """proposals.rpn.imagenet_weights loaded into the configured RPN: keys and shapes checked there."""
+    if rpn.imagenet_weights is None:
+        return
+    from proposals.rpn.model import build_rpn
+
+    report.attempt(lambda: build_rpn(rpn))
+
+
 def check_disk(workdir: Path, predicted_bytes: int, report: Preflight, detail: str) -> int:
     """A problem when the workdir's filesystem has less free space than the outputs predicted; returns free bytes."""
     where = Path(workdir).resolve()

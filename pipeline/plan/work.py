@@ -61,7 +61,7 @@ def detect_candidates(detect_metrics: Mapping[str, float] | None) -> dict[str, f
     return found or None
 
 
-def _uses_rpn(pcfg: Any) -> bool:
+def uses_rpn(pcfg: Any) -> bool:
     sources = set(pcfg.resolve_mix("train")) | set(pcfg.resolve_mix("test")) | set(pcfg.bottom_up_sources())
     return any(s.startswith("rpn") for s in sources)
 
@@ -77,7 +77,7 @@ def stage_work(name: str, cfg: Any, counts: Mapping[str, int] | None, *,
         return Work({"images_seen": float(sum(p.iterations for p in cfg.train.phases) * cfg.train.images_per_batch)})
     if name == "proposals":
         rpn = cfg.proposals.rpn
-        part = float(rpn.iterations * rpn.images_per_batch) if _uses_rpn(cfg.proposals) else 0.0
+        part = float(rpn.iterations * rpn.images_per_batch) if uses_rpn(cfg.proposals) else 0.0
         return Work({"images": None if counts is None else float(sum(counts.values())), "rpn_images_seen": part})
     if counts is None:
         return Work({TIME_BY.get(name, "images"): None})

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+import torch
 
 from pipeline.cli import main
 from pipeline.config import PROJECT_ROOT
@@ -135,6 +136,17 @@ def test_missing_annotation_file_is_one_line(workdir, tmp_path, capsys):
     assert rc == 2
     assert _problems(capsys.readouterr().err) == [
         f"problem: {missing}: no such file (check the path in the data config)"]
+
+
+def test_rpn_weights_that_do_not_fit_the_rpn_are_one_line(workdir, tmp_path, capsys):
+    weights = tmp_path / "vgg16.pth"
+    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, weights)
+    rc = main(["plan", "--workdir", str(workdir), "-o", f"proposals.rpn.imagenet_weights={weights}"])
+    assert rc == 2
+    assert _problems(capsys.readouterr().err) == [
+        f"problem: {weights}: proposals.rpn.imagenet_weights: VGG16 weights need a backbone of width 1.0, without "
+        f"batchnorm, with block_convs [2, 2, 3, 3, 3] (got width 0.125, batchnorm True, block_convs [2, 2, 3, 3, 3]); "
+        f"fix those in proposals.rpn or drop proposals.rpn.imagenet_weights"]
 
 
 def _mcg_for_half(shared_dir: Path, folder: Path) -> int:
