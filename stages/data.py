@@ -25,7 +25,7 @@ from ion.atomic import write_bytes_atomic, write_compact_json_atomic
 from ion.data import synthetic
 from ion.data.categories import CategoryMap
 from ion.data.coco import ValidationReport
-from ion.data.coco_splits import SPLITS, CocoSplit, build_coco_splits, subset
+from ion.data.coco_splits import SPLITS, CocoSplit, build_coco_splits, sample_splits, subset
 from ion.data.config import CocoConfig, SyntheticConfig, VocConfig
 from ion.data.images import load_image
 from ion.data.split import INDEX_FILE
@@ -58,10 +58,13 @@ def run(cfg, inputs: dict[str, Path], out: Path, ctx: StageContext) -> StageResu
     (out / "annotations").mkdir(parents=True, exist_ok=True)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     if cfg.data.source == "synthetic":
-        return _run_synthetic(seed=cfg.seed, syn=cfg.data.synthetic, out=out, ctx=ctx)
+        return _run_synthetic(seed=cfg.seed, syn=cfg.data.synthetic, sample=cfg.data.sample_images, out=out,
+                              ctx=ctx)
     if cfg.data.source == "voc":
-        return _run_voc(voc=cfg.data.voc, out=out, sources=split_image_sources(cfg.data))
-    return _run_coco(coco=cfg.data.coco, out=out, ctx=ctx, sources=split_image_sources(cfg.data))
+        return _run_voc(voc=cfg.data.voc, sample=cfg.data.sample_images, out=out,
+                        sources=split_image_sources(cfg.data))
+    return _run_coco(coco=cfg.data.coco, sample=cfg.data.sample_images, out=out, ctx=ctx,
+                     sources=split_image_sources(cfg.data))
 
 
 # ------------------------------------------------------------------ synthetic
@@ -81,14 +84,22 @@ def _scene_params(syn: SyntheticConfig) -> dict:
                 jpeg_quality=syn.jpeg_quality)
 
 
-def _run_synthetic(*, seed: int, syn: SyntheticConfig, out: Path, ctx: StageContext) -> StageResult:
+def _sample_note(sample: int | None) -> list[str]:
+    return [] if sample is None else [f"sample: the first {sample} images (smallest ids) of each split "
+                                      f"(data.sample_images)"]
+
+
+def _run_synthetic(*, seed: int, syn: SyntheticConfig, sample: int | None, out: Path,
+                   ctx: StageContext) -> StageResult:
     started = time.perf_counter()
     counts = {"train": syn.num_train, "minival": syn.num_minival, "test": syn.num_test}
     jobs, first_id = [], 1  # image ids are unique across splits, as in COCO
     for split in SPLITS:
-        for start in range(0, counts[split], IMAGES_PER_TASK):
+        # A sample is the first images of the full set: the same ids, scenes and annotations.
+        used = counts[split] if sample is None else min(counts[split], sample)
+        for start in range(0, used, IMAGES_PER_TASK):
             jobs.append({"seed": seed + syn.seed_offset, "split": split, "start": start,
-                         "stop": min(start + IMAGES_PER_TASK, counts[split]), "first_image_id": first_id,
+                         "stop": min(start + IMAGES_PER_TASK, used), "first_image_id": first_id,
                          "scene": _scene_params(syn)})
         first_id += counts[split]
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -117,6 +128,7 @@ def _run_synthetic(*, seed: int, syn: SyntheticConfig, out: Path, ctx: StageCont
         split_metrics, line = _split_counts(split, coco, per_class=True)
         metrics.update(split_metrics)
         summary.append(line)
+    summary += _sample_note(sample)
     seconds = time.perf_counter() - started
     metrics["generate_seconds"] = seconds
     summary.append(f"context-shapes generated in {seconds:.1f} s; context classes (told apart only by the sky): "
@@ -155,7 +167,7 @@ def _path(value: str | None) -> Path | None:
     return None if value is None else Path(value)
 
 
-def _run_coco(*, coco: CocoConfig, out: Path, ctx: StageContext,
+def _run_coco(*, coco: CocoConfig, sample: int | None, out: Path, ctx: StageContext,
               sources: dict[str, dict[str, str]]) -> StageResult:
     report = ValidationReport()
     splits = build_coco_splits(
@@ -166,8 +178,8 @@ def _run_coco(*, coco: CocoConfig, out: Path, ctx: StageContext,
         test_images=_path(coco.test_images), on_bad=coco.on_bad_annotation, box_tolerance=coco.box_tolerance,
         check_image_files=coco.check_image_files, report=report,
         map_fn=lambda fn, items: ctx.map(fn, items, desc="image headers"))
-    return _write_splits(splits, out, source="coco", metrics=report.metrics(), notes=report.lines(),
-                         sources=sources)
+    return _write_splits(sample_splits(splits, sample), out, source="coco", metrics=report.metrics(),
+                         notes=report.lines() + _sample_note(sample), sources=sources)
 
 
 def _write_splits(splits: dict[str, CocoSplit], out: Path, *, source: str, metrics: dict[str, float],
@@ -209,7 +221,7 @@ def _voc_pairs(sets) -> list[tuple[Path, str]]:
     return [(Path(s.root), s.set) for s in sets]
 
 
-def _run_voc(*, voc: VocConfig, out: Path, sources: dict[str, dict[str, str]]) -> StageResult:
+def _run_voc(*, voc: VocConfig, sample: int | None, out: Path, sources: dict[str, dict[str, str]]) -> StageResult:
     """07 trainval + 12 trainval style training sets, a test set, and minival (given, or held out of train)."""
     check = dict(check_image_files=voc.check_image_files)
     train = load_voc_split(_voc_pairs(voc.train), **check)
@@ -231,8 +243,8 @@ def _run_voc(*, voc: VocConfig, out: Path, sources: dict[str, dict[str, str]]) -
     if overlap:
         raise UserError(f"data.voc: {len(overlap)} images are in both the train and the test sets (e.g. id "
                         f"{min(overlap)}): name disjoint image sets")
-    return _write_splits({"train": train, "minival": minival, "test": test}, out, source="voc", metrics={},
-                         notes=notes, sources=sources)
+    return _write_splits(sample_splits({"train": train, "minival": minival, "test": test}, sample), out,
+                         source="voc", metrics={}, notes=notes + _sample_note(sample), sources=sources)
 
 
 # ------------------------------------------------------------------ preview

@@ -69,6 +69,18 @@ def subset(coco: dict, image_ids: set[int]) -> dict:
     return out
 
 
+def sample_splits(splits: dict[str, CocoSplit], sample_images: int | None) -> dict[str, CocoSplit]:
+    """Each split cut to its `sample_images` smallest image ids, with their annotations (all of
+    it when None): deterministic, whatever order the files list the images in."""
+    if sample_images is None:
+        return splits
+    out = {}
+    for name, split in splits.items():
+        ids = set(sorted(img["id"] for img in split.coco["images"])[:sample_images])
+        out[name] = CocoSplit(coco=subset(split.coco, ids), image_dir=split.image_dir)
+    return out
+
+
 def merge(parts: list[tuple[dict, Path, Path]]) -> CocoSplit:
     """Concatenate (coco, image_dir, annotation_file) parts into one split.
 

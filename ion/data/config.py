@@ -139,6 +139,14 @@ class DataConfig:
         "help": "COCO files and split rules (used when source is coco)"})
     voc: VocConfig = field(default_factory=VocConfig, metadata={
         "help": "VOC devkit folders and image sets (used when source is voc)"})
+    sample_images: Optional[int] = field(default=None, metadata={
+        "help": "use only the first N images (the smallest image ids) of each split, with their annotations: "
+                "a quick trial run, and what `plan --calibrate` runs; null: every image. COCO and VOC files "
+                "are still read and checked in full", "min": 1})
+
+    def sampled(self, count: int) -> int:
+        """How many of a split's `count` images a run uses (sample_images)."""
+        return count if self.sample_images is None else min(count, self.sample_images)
 
     def __post_init__(self) -> None:
         if self.source == "voc":

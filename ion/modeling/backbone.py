@@ -153,27 +153,27 @@ def scaled_channels(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-def read_vgg16_state_dict(path: Path) -> dict[str, Tensor]:
+def read_vgg16_state_dict(path: Path, field: str = "model.imagenet_weights") -> dict[str, Tensor]:
     """Load a VGG16 state_dict saved with torch.save (torchvision key names)."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: model.imagenet_weights: no such file "
+        raise UserError(f"{path}: {field}: no such file "
                         "(save torchvision.models.vgg16(weights='IMAGENET1K_V1').state_dict() there, "
                         "or drop the key to train from scratch)")
     try:
         # mmap: only the tensors that are copied are read from disk (the file is 528 MB).
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # any unpickling failure is a bad file
-        raise UserError(f"{path}: model.imagenet_weights: not a torch state_dict ({exc}); "
+        raise UserError(f"{path}: {field}: not a torch state_dict ({exc}); "
                         "save one with torch.save(model.state_dict(), path)") from exc
     if not isinstance(state, dict):
-        raise UserError(f"{path}: model.imagenet_weights: expected a state_dict (dict of tensors), "
+        raise UserError(f"{path}: {field}: expected a state_dict (dict of tensors), "
                         f"got {type(state).__name__}")
     return state
 
 
 def copy_checked(*, target: nn.Module, prefix: str, state: dict[str, Tensor], keys: dict[str, str],
-                 path: Path) -> None:
+                 path: Path, field: str = "model.imagenet_weights") -> None:
     """Copy `state[src]` into `target`'s parameter `dst` for each dst -> src in
     `keys`, raising UserError naming the file and key when one is missing or
     has the wrong shape."""
@@ -181,27 +181,28 @@ def copy_checked(*, target: nn.Module, prefix: str, state: dict[str, Tensor], ke
     with torch.no_grad():
         for dst, src in keys.items():
             if src not in state:
-                raise UserError(f"{path}: model.imagenet_weights: key {src!r} is missing; "
+                raise UserError(f"{path}: {field}: key {src!r} is missing; "
                                 "the file must be a torchvision VGG16 state_dict")
             value = state[src]
             if tuple(value.shape) != tuple(own[dst].shape):
-                raise UserError(f"{path}: model.imagenet_weights: key {src!r} has shape "
+                raise UserError(f"{path}: {field}: key {src!r} has shape "
                                 f"{tuple(value.shape)}, the model ({prefix}{dst}) needs "
                                 f"{tuple(own[dst].shape)}; the file must be a torchvision VGG16 "
                                 "state_dict and model.width must be 1.0")
             own[dst].copy_(value)
 
 
-def load_vgg16_imagenet(backbone: VGG16Backbone, path: Path) -> None:
+def load_vgg16_imagenet(backbone: VGG16Backbone, path: Path, field: str = "model.imagenet_weights") -> None:
     """Copy conv1_1..conv5_3 from a torchvision VGG16 state_dict file.
 
     conv6/conv7 are not in VGG16 and keep their initialisation.
     """
     if backbone.width != 1.0 or backbone.batchnorm or backbone.block_convs != BLOCK_CONVS:
-        raise UserError(f"{path}: model.imagenet_weights: VGG16 weights need model.width 1.0, "
-                        f"model.batchnorm false and model.block_convs {list(BLOCK_CONVS)} (got width "
-                        f"{backbone.width}, batchnorm {backbone.batchnorm}, block_convs "
-                        f"{list(backbone.block_convs)}); fix those or drop imagenet_weights")
-    state = read_vgg16_state_dict(path)
+        section = field.rsplit(".", 1)[0]
+        raise UserError(f"{path}: {field}: VGG16 weights need a backbone of width 1.0, without batchnorm, "
+                        f"with block_convs {list(BLOCK_CONVS)} (got width {backbone.width}, batchnorm "
+                        f"{backbone.batchnorm}, block_convs {list(backbone.block_convs)}); fix those in "
+                        f"{section} or drop {field}")
+    state = read_vgg16_state_dict(path, field)
     keys = {name: name for name, _ in backbone.features.named_parameters(prefix="features")}
-    copy_checked(target=backbone, prefix="backbone.", state=state, keys=keys, path=Path(path))
+    copy_checked(target=backbone, prefix="backbone.", state=state, keys=keys, path=Path(path), field=field)

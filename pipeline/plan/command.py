@@ -11,10 +11,12 @@ from typing import Any, Sequence
 from ion.errors import UserError
 from pipeline.cache.store import ArtifactStore
 from pipeline.graph import Stage, cache_materials
+from pipeline.plan.calibrate import CALIBRATE_COST, origins
 from pipeline.plan.estimate import (
     Calibration,
     StageEstimate,
     assumed_candidates,
+    calibration_key,
     device_kind,
     estimate_stage,
     format_bytes,
@@ -22,15 +24,23 @@ from pipeline.plan.estimate import (
     one_line,
 )
 from pipeline.plan.observe import detect_metrics, split_counts
-from pipeline.plan.preflight import Preflight, check_coco, check_disk, check_mcg, check_weights, read_data_output
+from pipeline.plan.preflight import (
+    Preflight,
+    check_coco,
+    check_disk,
+    check_mcg,
+    check_rpn_weights,
+    check_weights,
+    read_data_output,
+)
 from pipeline.plan.resources import TRAIN_STAGE, check_resources
-from pipeline.plan.work import detect_candidates
+from pipeline.plan.work import detect_candidates, uses_rpn
 
 
 def _inputs(cfg: Any, runs: set[str], data_output: Path | None, report: Preflight) -> None:
     if "data" in runs:
         if cfg.data.source == "coco":
-            check_coco(cfg.data.coco, report)
+            check_coco(cfg.data.coco, report, cfg.data.sample_images)
         elif cfg.data.source == "synthetic":
             report.counts = split_counts(cfg, None)
         else:
@@ -40,13 +50,17 @@ def _inputs(cfg: Any, runs: set[str], data_output: Path | None, report: Prefligh
         read_data_output(data_output, report)
     if "proposals" in runs and cfg.proposals.bottom_up == "mcg" and cfg.proposals.mcg.dir:
         check_mcg(cfg.proposals.mcg, report)
+    if "proposals" in runs and uses_rpn(cfg.proposals):
+        check_rpn_weights(cfg.proposals.rpn, report)
     if TRAIN_STAGE in runs:
         check_weights(cfg.model, 1, report)
 
 
 def make_plan(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], force: bool = False,
-              check_upstream_fn=None) -> tuple[dict[str, Any], Preflight, dict[str, StageEstimate]]:
-    """(the --json object, the preflight, the estimates) for running `selected` of `stages`."""
+              check_upstream_fn=None, calibrate_fn=None) -> tuple[dict[str, Any], Preflight, dict[str, StageEstimate]]:
+    """(the --json object, the preflight, the estimates) for running `selected` of `stages`.
+    `calibrate_fn(cached=, materials=, device=)`: run after a preflight without problems, before
+    the estimate (plan --calibrate); returns note lines."""
     workdir = Path(cfg.runtime.workdir)
     store = ArtifactStore(workdir)
     materials = cache_materials(stages, cfg)
@@ -60,6 +74,12 @@ def make_plan(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], f
     report.problems += report.attempt(lambda: check_resources(cfg.runtime, trains=TRAIN_STAGE in runs)) or []
     _inputs(cfg, runs, data_output, report)
     device = device_kind(cfg.runtime)
+    if calibrate_fn is not None:
+        if report.problems:
+            report.notes.append("calibration: not run (the preflight found problems: the sample would stop on "
+                                "them too)")
+        else:
+            report.notes += calibrate_fn(cached=cached, materials=materials, device=device)
     calibration = Calibration(workdir)
     per_image = assumed_candidates(calibration, cfg, materials.get("detect", (None, None))[1], device)
     candidates = detect_candidates(detect_metrics(store, keys))
@@ -80,11 +100,33 @@ def make_plan(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], f
         # Where each figure comes from, and what the estimate rests on.
         "calibration": {"device": device, "dir": str(calibration.dir), "measured": measured,
                         "assumed": [e.name for e in to_run if e.seconds is None],
-                        "sources": {name: {"unit": e.unit, "source": e.source} for name, e in estimates.items()},
+                        "sources": {name: {"unit": e.unit, "source": e.source,
+                                           **_origin(e, calibration.records(name, calibration_key(
+                                               name, cfg, materials[name][1], device)))}
+                                    for name, e in estimates.items()},
                         "split_images": report.counts, "predicted_disk_bytes": predicted, "free_disk_bytes": free,
                         "workdir": str(workdir)},
     }
     return plan, report, estimates
+
+
+def _origin(e: StageEstimate, records: list[dict[str, Any]]) -> dict[str, Any]:
+    """figures: cached, measured or assumed (no figure); measured_from: {"sample": n, "runs": m}
+    records of the on-demand calibration sample and of this workdir's runs."""
+    if e.cached:
+        return {"figures": "cached", "measured_from": {}}
+    if e.seconds is None:
+        return {"figures": "assumed", "measured_from": {}}
+    return {"figures": "measured", "measured_from": origins(records)}
+
+
+_FROM = {"sample": "the calibration sample", "runs": "this workdir's runs"}
+
+
+def _estimate_line(e: StageEstimate, source: dict[str, Any]) -> str:
+    if not source["measured_from"]:
+        return one_line(e)
+    return f"{one_line(e)} [from {' and '.join(_FROM[k] for k in source['measured_from'])}]"
 
 
 def format_plan(plan: dict[str, Any], estimates: dict[str, StageEstimate], notes: Sequence[str]) -> str:
@@ -94,8 +136,12 @@ def format_plan(plan: dict[str, Any], estimates: dict[str, StageEstimate], notes
     if cal["split_images"]:
         lines.append("  images: " + ", ".join(f"{k} {v}" for k, v in cal["split_images"].items()))
     lines += ["", f"estimate on {plan['calibration']['device']} (calibration: {plan['calibration']['dir']}):"]
-    lines += [f"  {one_line(e)}" for e in estimates.values()]
+    lines += [f"  {_estimate_line(e, cal['sources'][e.name])}" for e in estimates.values()]
     unknown = f" (without {', '.join(cal['assumed'])}: no calibration)" if cal["assumed"] else ""
+    if cal["assumed"]:
+        lines.append(f"  no calibration for {', '.join(cal['assumed'])} on {cal['device']}: "
+                     f"`python -m pipeline plan --calibrate` measures every stage on two small samples of this config "
+                     f"({CALIBRATE_COST})")
     lines += [f"total: ~{format_seconds(plan['total_seconds'])}{unknown}; disk "
               f"{format_bytes(cal['predicted_disk_bytes'])} of {format_bytes(cal['free_disk_bytes'])} free in "
               f"{cal['workdir']}"]
@@ -125,10 +171,11 @@ def log_plan(cfg: Any, plan: dict[str, Any], *, config_file: Path | None, argv: 
 
 
 def run_plan(cfg: Any, *, stages: Sequence[Stage], selected: Sequence[Stage], as_json: bool,
-             config_file: Path | None, argv: Sequence[str], force: bool = False, check_upstream_fn=None) -> int:
+             config_file: Path | None, argv: Sequence[str], force: bool = False, check_upstream_fn=None,
+             calibrate_fn=None) -> int:
     """Print the plan; 2 when a problem would stop the run, else 0."""
     plan, report, estimates = make_plan(cfg, stages=stages, selected=selected, force=force,
-                                        check_upstream_fn=check_upstream_fn)
+                                        check_upstream_fn=check_upstream_fn, calibrate_fn=calibrate_fn)
     notes = list(report.notes)
     mlflow_problem = _tracking_problem(cfg, config_file)
     if mlflow_problem:

@@ -22,6 +22,7 @@ from typing import Any, Mapping
 from ion.atomic import write_bytes_atomic
 from pipeline.plan.work import (
     PARTS,
+    RSS_PER_ITEM,
     Work,
     figure_measure,
     flat_memory,
@@ -154,11 +155,14 @@ def _points(records: list[dict[str, Any]], measure: str, value) -> list[tuple[fl
 
 
 def _at(points: list[tuple[float, float]], x: float | None, *, flat: bool = False,
-        flat_in_work: bool = False) -> float | None:
-    """The fit through `points` at `x`; `flat_in_work`: the largest y whatever x (a streamed stage's
-    memory: two nearby sizes' noise would otherwise extrapolate to a slope)."""
+        flat_in_work: bool = False, per_item: float | None = None) -> float | None:
+    """The fit through `points` at `x`. `flat_in_work`: the largest y whatever x (a streamed stage's
+    memory: two nearby sizes' noise would otherwise extrapolate to a slope); `per_item`: a known
+    slope on top of the largest baseline the points leave."""
     if x is None or not points:
         return None
+    if per_item is not None:
+        return max(y - per_item * px for px, y in points) + per_item * x
     if flat_in_work:
         return max(y for _, y in points)
     fixed, per_item = _fit(points, flat=flat)
@@ -183,7 +187,8 @@ def predict(name: str, records: list[dict[str, Any]], work: Work) -> dict[str, f
         measure = figure_measure(name, figure)
         memory = figure == "peak_rss_bytes"
         out[figure] = _at(_points(records, measure, lambda r, f=figure: r.get(f)), work[measure], flat=memory,
-                          flat_in_work=memory and flat_memory(name))
+                          flat_in_work=memory and flat_memory(name),
+                          per_item=RSS_PER_ITEM.get(name) if memory else None)
     out["gpus"] = max((float(r.get("gpus", 0)) for r in records), default=0.0)
     return out
 

@@ -37,7 +37,8 @@ def split_counts(cfg: Any, data_output: Path | None) -> dict[str, int] | None:
     data = getattr(cfg, "data", None)  # a config without a data section (the runner's tests) counts nothing
     if getattr(data, "source", None) == "synthetic":
         syn = data.synthetic
-        return {"train": syn.num_train, "minival": syn.num_minival, "test": syn.num_test}
+        return {"train": data.sampled(syn.num_train), "minival": data.sampled(syn.num_minival),
+                "test": data.sampled(syn.num_test)}
     return None
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ion.data.coco import ValidationReport
-from ion.data.coco_splits import SPLITS, build_coco_splits
+from ion.data.coco_splits import SPLITS, build_coco_splits, sample_splits
 from ion.errors import UserError
 from pipeline.plan.estimate import format_bytes
 
@@ -52,8 +52,9 @@ def _path(value: str | None) -> Path | None:
     return None if value is None else Path(value)
 
 
-def check_coco(coco: Any, report: Preflight) -> None:
-    """The data stage's validation of cfg.data.coco, images stat-ed in threads, a sample decoded."""
+def check_coco(coco: Any, report: Preflight, sample_images: int | None = None) -> None:
+    """The data stage's validation of cfg.data.coco, images stat-ed in threads, a sample decoded;
+    the splits' sizes as the data stage cuts them (data.sample_images)."""
     from ion.data.images import load_image
 
     splits = report.attempt(lambda: build_coco_splits(
@@ -65,6 +66,7 @@ def check_coco(coco: Any, report: Preflight) -> None:
         check_image_files=coco.check_image_files, report=ValidationReport(), map_fn=_thread_map))
     if splits is None:
         return
+    splits = sample_splits(splits, sample_images)
     report.counts = {name: len(splits[name].coco["images"]) for name in SPLITS}
     report.images = {name: [(img["id"], str(splits[name].image_dir / img["file_name"]))
                             for img in splits[name].coco["images"]] for name in SPLITS}
@@ -122,6 +124,15 @@ def check_weights(model: Any, num_classes: int, report: Preflight) -> None:
     from ion.modeling.build import build_detector
 
     report.attempt(lambda: build_detector(model, num_classes=max(num_classes, 1)))
+
+
+def check_rpn_weights(rpn: Any, report: Preflight) -> None:
+    """proposals.rpn.imagenet_weights loaded into the configured RPN: keys and shapes checked there."""
+    if rpn.imagenet_weights is None:
+        return
+    from proposals.rpn.model import build_rpn
+
+    report.attempt(lambda: build_rpn(rpn))
 
 
 def check_disk(workdir: Path, predicted_bytes: int, report: Preflight, detail: str) -> int:

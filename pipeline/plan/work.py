@@ -25,9 +25,13 @@ from typing import Any, Mapping
 TIME_BY = {"data": "images", "proposals": "images", "train": "images_seen", "detect": "image_passes",
            "tune": "trial_candidates", "evaluate": "candidates"}
 DISK_BY = {"detect": "candidates", "tune": "trials"}
-# Peak memory grows only where a process holds a whole split: the data stage its annotation JSON,
-# each tune worker minival's candidates. Every other stage streams, so its peak is flat in the work.
+# Peak memory grows only where a process holds a whole split: the data stage its annotation JSON
+# (fitted), each tune worker minival's candidates (a known size: RSS_PER_ITEM). Every other stage
+# streams, so its peak is flat in the work.
 RSS_BY = {"data": "images", "tune": "candidates"}
+# Bytes a process holds per item of its measure, on top of its measured baseline: a candidate read
+# for tuning is a float32 box (16), a float32 score (4) and an int64 label (8).
+RSS_PER_ITEM = {"tune": 28.0}
 # What a stage's work is shown as (its items), where not the time's measure.
 SHOWN_BY = {"tune": "trial_images", "evaluate": "images"}
 UNITS = {"images": "images", "images_seen": "images seen", "image_passes": "image passes",
@@ -57,7 +61,7 @@ def detect_candidates(detect_metrics: Mapping[str, float] | None) -> dict[str, f
     return found or None
 
 
-def _uses_rpn(pcfg: Any) -> bool:
+def uses_rpn(pcfg: Any) -> bool:
     sources = set(pcfg.resolve_mix("train")) | set(pcfg.resolve_mix("test")) | set(pcfg.bottom_up_sources())
     return any(s.startswith("rpn") for s in sources)
 
@@ -73,7 +77,7 @@ def stage_work(name: str, cfg: Any, counts: Mapping[str, int] | None, *,
         return Work({"images_seen": float(sum(p.iterations for p in cfg.train.phases) * cfg.train.images_per_batch)})
     if name == "proposals":
         rpn = cfg.proposals.rpn
-        part = float(rpn.iterations * rpn.images_per_batch) if _uses_rpn(cfg.proposals) else 0.0
+        part = float(rpn.iterations * rpn.images_per_batch) if uses_rpn(cfg.proposals) else 0.0
         return Work({"images": None if counts is None else float(sum(counts.values())), "rpn_images_seen": part})
     if counts is None:
         return Work({TIME_BY.get(name, "images"): None})

@@ -122,7 +122,7 @@ def build_rpn(cfg: RpnConfig, *, load_imagenet: bool = True) -> RegionProposalNe
     is set and `load_imagenet` (a checkpoint about to be loaded skips them)."""
     backbone = VGG16Backbone(width=cfg.backbone_width, conv67=False, batchnorm=cfg.batchnorm)
     if load_imagenet and cfg.imagenet_weights is not None:
-        load_vgg16_imagenet(backbone, Path(cfg.imagenet_weights))
+        load_vgg16_imagenet(backbone, Path(cfg.imagenet_weights), "proposals.rpn.imagenet_weights")
     anchors = anchor_shapes(base_size=cfg.anchor_base_size, ratios=cfg.anchor_ratios,
                             scales=cfg.anchor_scales, scale=cfg.anchor_scale)
     return RegionProposalNetwork(

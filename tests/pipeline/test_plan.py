@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.io
+import torch
 
 from pipeline.cli import main
 from pipeline.config import PROJECT_ROOT
@@ -36,6 +37,7 @@ def test_default_config_plans_with_no_problem_and_logs_a_run(workdir, capsys):
     assert _problems(err) == []
     assert "preflight: 0 problem(s)" in out and "images: train 600, minival 150, test 150" in out
     assert "train: 2640 images seen" in out  # (30 + 600 + 30) iterations x 4 images
+    assert "`python -m pipeline plan --calibrate` measures every stage on two small samples" in out  # no calibration
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ion-default").experiment_id])
     assert [r.info.run_name for r in runs] == ["default: plan"]
@@ -79,6 +81,9 @@ def test_peak_memory_grows_only_where_a_split_is_held_whole():
     assert predict("data", records, Work({"images": 1200}))["peak_rss_bytes"] == pytest.approx(2.1e9)
     # Training streams its images: the largest peak measured, whatever the work.
     assert predict("train", records, Work({"images_seen": 1200}))["peak_rss_bytes"] == 1.2e9
+    # A tune worker holds minival's candidates, 28 bytes each, on top of the largest baseline.
+    tune = [{"items": 1, "work": {"candidates": n}, "peak_rss_bytes": rss} for n, rss in ((1e6, 1.1e9), (2e6, 1.0e9))]
+    assert predict("tune", tune, Work({"candidates": 1e8}))["peak_rss_bytes"] == pytest.approx(1.072e9 + 28 * 1e8)
 
 
 def test_rpn_training_is_fitted_on_its_own_iterations():
@@ -131,6 +136,17 @@ def test_missing_annotation_file_is_one_line(workdir, tmp_path, capsys):
     assert rc == 2
     assert _problems(capsys.readouterr().err) == [
         f"problem: {missing}: no such file (check the path in the data config)"]
+
+
+def test_rpn_weights_that_do_not_fit_the_rpn_are_one_line(workdir, tmp_path, capsys):
+    weights = tmp_path / "vgg16.pth"
+    torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, weights)
+    rc = main(["plan", "--workdir", str(workdir), "-o", f"proposals.rpn.imagenet_weights={weights}"])
+    assert rc == 2
+    assert _problems(capsys.readouterr().err) == [
+        f"problem: {weights}: proposals.rpn.imagenet_weights: VGG16 weights need a backbone of width 1.0, without "
+        f"batchnorm, with block_convs [2, 2, 3, 3, 3] (got width 0.125, batchnorm True, block_convs [2, 2, 3, 3, 3]); "
+        f"fix those in proposals.rpn or drop proposals.rpn.imagenet_weights"]
 
 
 def _mcg_for_half(shared_dir: Path, folder: Path) -> int:

@@ -134,6 +134,42 @@ def test_coco_mini_through_the_stage(tmp_path):
     assert (out / "plots" / "preview.png").is_file()
 
 
+def test_coco_mini_sample_keeps_the_smallest_ids_and_their_annotations(tmp_path, shared_dir):
+    cfg = load_config(PROJECT_ROOT / "configs" / "coco_mini.yaml", ["data.sample_images=5"])
+    out = tmp_path / "out"
+    result = _run(cfg, out)
+    mini = shared_dir / "data" / "coco-mini" / "annotations"
+    train_src = json.loads((mini / "instances_train2017.json").read_text())
+    val_src = json.loads((mini / "instances_val2017.json").read_text())
+    val_ids = sorted(img["id"] for img in val_src["images"])
+    # minival: the 40 smallest val ids (minival_size), the rest of val is test; each cut to its 5 smallest.
+    expected = {"train": sorted(img["id"] for img in train_src["images"])[:5], "minival": val_ids[:5],
+                "test": val_ids[40:45]}
+    for name, ids in expected.items():
+        split = json.loads((out / "annotations" / f"{name}.json").read_text())
+        assert sorted(img["id"] for img in split["images"]) == ids  # by id, whatever order the file lists
+        source = train_src if name == "train" else val_src
+        assert sorted(a["id"] for a in split["annotations"]) == sorted(
+            a["id"] for a in source["annotations"] if a["image_id"] in set(ids))
+        assert json.loads((out / "index.json").read_text())["splits"][name]["num_images"] == 5
+    assert "sample: the first 5 images (smallest ids) of each split (data.sample_images)" in result.summary
+
+
+def test_synthetic_sample_is_the_first_images_of_the_full_set(tmp_path):
+    full = _tiny_synthetic()
+    _run(full, tmp_path / "full")
+    _run(dataclasses.replace(full, data=dataclasses.replace(full.data, sample_images=2)), tmp_path / "sample")
+    for name in ("train", "minival", "test"):
+        whole = json.loads((tmp_path / "full" / "annotations" / f"{name}.json").read_text())
+        part = json.loads((tmp_path / "sample" / "annotations" / f"{name}.json").read_text())
+        ids = [img["id"] for img in whole["images"]][:2]
+        assert part["images"] == whole["images"][:2] and [img["id"] for img in part["images"]] == ids
+        assert part["annotations"] == [a for a in whole["annotations"] if a["image_id"] in ids]
+        for img in part["images"]:
+            assert (tmp_path / "sample" / "images" / img["file_name"]).read_bytes() == (
+                tmp_path / "full" / "images" / img["file_name"]).read_bytes()
+
+
 def test_coco_with_missing_files_is_a_user_error(tmp_path, shared_dir):
     mini = shared_dir / "data" / "coco-mini"
     coco = CocoConfig(train_annotations=str(tmp_path / "nope.json"), train_images=str(mini / "train2017"),
