@@ -78,7 +78,7 @@ def estimate_lines(estimates: Mapping[str, StageEstimate]) -> list[str]:
         to_run = [e.name for e in estimates.values() if not e.cached]
         if to_run:
             return [f"estimate: none yet for {','.join(to_run)} (no calibration on this device kind; this run "
-                    f"records one, `python -m pipeline plan` shows it)"]
+                    f"records one; `python -m pipeline plan --calibrate` measures one on a sample first)"]
     return ["estimate: " + one_line(e) for e in estimates.values()]
 
 
