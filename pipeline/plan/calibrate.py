@@ -34,6 +34,7 @@ from pipeline.plan.estimate import CALIBRATION_DIR, Calibration, calibration_key
 
 SAMPLE_DIR = "sample"  # under <workdir>/calibration/: the calibration run's workdir
 SAMPLE_IMAGES = 8  # images per split of the smaller sample; the larger has twice as many
+RPN_ITERATIONS = 4  # the RPN's training iterations in either sample
 SUFFIX = "-calibration"  # of the sample's config name: its MLflow experiment and registered model
 ORIGIN_SAMPLE = "sample"
 CALIBRATE_COST = (f"two short runs of the pipeline, on {SAMPLE_IMAGES} and {2 * SAMPLE_IMAGES} images per split with "
@@ -53,9 +54,12 @@ def _phases(cfg: Any, images: int) -> Any:
 
 
 def _rpn(cfg: Any, images: int) -> Any:
+    # The same few iterations in both samples: the RPN's checkpoints are then the fixed part of the
+    # proposals stage's disk, not read as growth with the images (a VGG16 RPN checkpoint is ~200 MB),
+    # and its training is timed on its own (pipeline/plan/work.py) whatever the count.
     rpn = cfg.proposals.rpn
     return dataclasses.replace(cfg, proposals=dataclasses.replace(
-        cfg.proposals, rpn=dataclasses.replace(rpn, iterations=min(rpn.iterations, images))))
+        cfg.proposals, rpn=dataclasses.replace(rpn, iterations=min(rpn.iterations, RPN_ITERATIONS))))
 
 
 def _trials(cfg: Any, images: int) -> Any:
