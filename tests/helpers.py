@@ -347,13 +347,15 @@ def run_gpu_bench(module: str, absent: tuple[str, ...], *args: str, timeout: int
 
 @contextlib.contextmanager
 def tmpfs(path: Path, megabytes: int) -> Iterator[Path]:
-    """A real size-limited tmpfs mounted at `path` (these machines run as root; skipped where
-    mounting is not allowed), unmounted afterwards."""
+    """A real size-limited tmpfs mounted at `path`, unmounted afterwards. These machines run as
+    root; where mounting is not allowed the test fails saying so: a full disk is tested by filling
+    one, never skipped."""
     path.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): needs root")
+        pytest.fail(f"cannot mount a tmpfs at {path} ({mounted.stderr.strip()}): the full-disk tests need root "
+                    f"(mount -t tmpfs) to fill a real filesystem")
     try:
         yield path
     finally:
